@@ -1,0 +1,41 @@
+"""The `upcycle` console script: one subcommand per stage of the workflow.
+
+Each stage module owns its arguments through an `add_parser(subparsers)` function and sets
+`func` on its parser; this file only wires them together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pipeline.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data_prep import cli as prep_cli
+    from pipeline import convert, init_model
+
+    parser = argparse.ArgumentParser(
+        prog="upcycle",
+        description="Upcycle dense Llama/Mistral/Qwen2 checkpoints into Mixture-of-Experts and train them.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    init_model.add_parser(sub)
+    convert.add_parser(sub)
+    prep_cli.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"upcycle {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""`upcycle convert`: a dense Hugging Face checkpoint becomes an upcycled MoE checkpoint, tensor by tensor.
+
+Memory stays near one output shard plus one layer's expert tensors: dense tensors are read one at a time
+from memory-mapped safetensors and shards are flushed as soon as they fill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from pipeline.config import ROUTINGS, ModelConfig, MoEConfig, read_hf_config
+from pipeline.errors import UserError
+from pipeline.hf_io import CheckpointReader, ShardWriter, copy_tokenizer_files, resolve_dtype
+from pipeline.upcycle import make_moe_config, upcycle_mlp, virtual_group_router
+
+MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="upcycle a dense checkpoint into an MoE checkpoint",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--dense", required=True, help="dense Hugging Face model directory (config.json + safetensors)"
+    )
+    p.add_argument("--out", required=True, help="output directory for the upcycled checkpoint")
+    p.add_argument("--experts", type=int, required=True, help="N: routed experts per MoE layer")
+    p.add_argument("--top-k", type=int, required=True, help="K: experts per token (a multiple of G)")
+    p.add_argument("--granularity", type=int, default=1, help="G: shards per dense MLP (default 1)")
+    p.add_argument("--routing", choices=ROUTINGS, default="softmax-topk")
+    p.add_argument("--moe-layers", default="all", help="all | every:k | comma list such as 0,3,5")
+    p.add_argument(
+        "--router-init-std",
+        type=float,
+        default=None,
+        help="std of the virtual-group router init (default 1e-3/sqrt(hidden_size))",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="dtype of the written weights (auto: the dense checkpoint's)",
+    )
+    p.add_argument(
+        "--no-weight-scaling",
+        action="store_true",
+        help="do not scale the experts (ablation only: the MoE then starts at dense(x)/c)",
+    )
+    p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per output safetensors shard")
+    p.add_argument(
+        "--verify", action="store_true", help="compare dense and upcycled logits on a few hundred tokens"
+    )
+    p.add_argument("--verify-tokens", type=int, default=256)
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
+    p.set_defaults(func=run_cli)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    raw, config = read_hf_config(args.dense)
+    moe = make_moe_config(
+        config,
+        args.experts,
+        args.top_k,
+        args.granularity,
+        args.routing,
+        args.moe_layers,
+        args.router_init_std,
+        args.seed,
+        weight_scaling=not args.no_weight_scaling,
+    )
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise UserError(f"--out {out} exists and is not empty; choose another directory or pass --force")
+    reader = CheckpointReader(args.dense)  # validates the weight files before any work
+    print(format_plan(config, moe))
+    started = time.perf_counter()
+    files = convert(
+        raw, config, reader, moe, out, resolve_dtype(args.dtype, config), int(args.max_shard_size * 2**30)
+    )
+    copied = copy_tokenizer_files(args.dense, out)
+    print(
+        f"wrote {len(files)} weight file(s) and {copied or 'no tokenizer files'} to {out} "
+        f"in {time.perf_counter() - started:.1f}s"
+    )
+    if args.verify:
+        from pipeline.verify import format_report, verify_upcycled
+
+        print(format_report(verify_upcycled(args.dense, out, n_tokens=args.verify_tokens, seed=args.seed)))
+    return 0
+
+
+def convert(
+    raw_config: dict,
+    config: ModelConfig,
+    reader: CheckpointReader,
+    moe: MoEConfig,
+    out: Path,
+    dtype: torch.dtype,
+    max_shard_bytes: int,
+) -> list[str]:
+    """Write the upcycled checkpoint (weights, index, config.json) to `out`; return the weight files."""
+    expected = [f"model.layers.{i}.mlp.{part}.weight" for i in moe.layers for part in MLP_PARTS]
+    missing = [name for name in expected if name not in reader]
+    if missing:
+        raise UserError(
+            f"{reader.dir}: dense MLP tensors not found: {missing[:3]}; is this a Llama-family model?"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out, max_shard_bytes)
+    moe_prefixes = tuple(f"model.layers.{i}.mlp." for i in moe.layers)
+    for name in tqdm(reader.names(), desc="copy dense tensors", unit="tensor"):
+        if not name.startswith(moe_prefixes):
+            writer.add(name, reader.get(name).to(dtype))
+    for layer in tqdm(moe.layers, desc="upcycle MLPs", unit="layer"):
+        prefix = f"model.layers.{layer}.mlp."
+        writer.add(prefix + "gate.weight", virtual_group_router(moe, config.hidden_size, layer).to(dtype))
+        for name, tensor in _upcycle_layer(reader, moe, prefix, config.mlp_bias).items():
+            writer.add(prefix + "experts." + name, tensor.to(dtype))
+    files = writer.close()
+    out_config = dict(raw_config)
+    out_config["moe"] = moe.to_dict()
+    out_config["dtype"] = str(dtype).removeprefix("torch.")
+    out_config.pop("torch_dtype", None)
+    (out / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
+    return files
+
+
+def _upcycle_layer(reader: CheckpointReader, moe: MoEConfig, prefix: str, has_bias: bool) -> dict:
+    weights = [reader.get(f"{prefix}{part}.weight") for part in MLP_PARTS]
+    biases = [reader.get(f"{prefix}{part}.bias") for part in MLP_PARTS] if has_bias else []
+    return upcycle_mlp(moe, *weights, *biases)
+
+
+def parameter_counts(config: ModelConfig) -> tuple[int, int]:
+    """(total, active) parameters computed on the meta device: no memory is allocated."""
+    from pipeline.model import CausalLM
+
+    with torch.device("meta"):
+        return CausalLM(config).num_parameters()
+
+
+def format_plan(dense: ModelConfig, moe: MoEConfig) -> str:
+    """A human summary: the (N, K, G) plan, parameter counts and which layers become MoE."""
+    from dataclasses import replace
+
+    upcycled = replace(dense, moe=moe)
+    dense_total, _ = parameter_counts(dense)
+    total, active = parameter_counts(upcycled)
+    F_, I = dense.intermediate_size, moe.expert_intermediate_size
+    rows = [
+        f"upcycling plan: N={moe.num_experts} experts (R={moe.expansion_rate} copies x G={moe.granularity} "
+        f"shards), top-K={moe.top_k}, routing={moe.routing}, expert scale c={moe.expert_scale:g}, "
+        f"router init std {moe.router_init_std:.3g}",
+        f"parameters: dense {dense_total / 1e6:,.1f}M -> total {total / 1e6:,.1f}M, "
+        f"active {active / 1e6:,.1f}M "
+        "per token",
+        f"{'layer':>5}  mlp",
+    ]
+    for i in range(dense.num_hidden_layers):
+        kind = (
+            f"MoE {moe.num_experts} x SwiGLU(I={I}), top-{moe.top_k}"
+            if i in moe.layers
+            else f"dense SwiGLU(F={F_})"
+        )
+        rows.append(f"{i:>5}  {kind}")
+    return "\n".join(rows)

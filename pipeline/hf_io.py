@@ -1,0 +1,188 @@
+"""Reading and writing Hugging Face style checkpoint directories (config.json + safetensors).
+
+Weights are only ever read through safetensors (memory-mapped, tensor by tensor), so loading never
+executes code from a checkpoint directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from pipeline.config import ModelConfig, read_hf_config
+from pipeline.errors import UserError
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class CheckpointReader:
+    """Name -> tensor access over `model.safetensors` or sharded files with an index, one tensor at a time."""
+
+    def __init__(self, model_dir: str | Path):
+        self.dir = Path(model_dir)
+        index_path, single_path = self.dir / INDEX_FILE, self.dir / SINGLE_FILE
+        if index_path.is_file():
+            weight_map = json.loads(index_path.read_text()).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise UserError(f"{index_path}: missing the 'weight_map' field")
+            self.file_of = {name: self.dir / fname for name, fname in weight_map.items()}
+        elif single_path.is_file():
+            with safe_open(single_path, "pt") as f:
+                self.file_of = {name: single_path for name in f.keys()}
+        else:
+            raise UserError(
+                f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints are "
+                "read (convert .bin/.pt weights to safetensors first)"
+            )
+        for path in set(self.file_of.values()):
+            if not path.is_file():
+                raise UserError(f"{path}: listed in {index_path.name} but missing")
+        self._handles: dict[Path, object] = {}
+
+    def names(self) -> list[str]:
+        return list(self.file_of)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def get(self, name: str) -> torch.Tensor:
+        path = self.file_of[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, "pt")
+        return self._handles[path].get_tensor(name)
+
+    def shape(self, name: str) -> list[int]:
+        path = self.file_of[name]
+        if path not in self._handles:
+            self._handles[path] = safe_open(path, "pt")
+        return list(self._handles[path].get_slice(name).get_shape())
+
+
+class ShardWriter:
+    """Accumulates tensors and writes `model-0000i-of-0000n.safetensors` shards plus the index.
+
+    A shard is flushed as soon as it exceeds `max_shard_bytes`, so memory holds at most one shard.
+    """
+
+    def __init__(self, out_dir: str | Path, max_shard_bytes: int = 2 * 2**30):
+        self.dir = Path(out_dir)
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.pending[name] = tensor.contiguous()
+        nbytes = tensor.numel() * tensor.element_size()
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+        if self.pending_bytes >= self.max_shard_bytes:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        tmp_name = f"shard-{len(self.written):05d}.tmp.safetensors"
+        save_file(self.pending, self.dir / tmp_name, metadata={"format": "pt"})
+        self.written.append((tmp_name, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write the last shard, give shards their final names, write the index; return the file names."""
+        self.flush()
+        n = len(self.written)
+        if n == 1:
+            os.replace(self.dir / self.written[0][0], self.dir / SINGLE_FILE)
+            return [SINGLE_FILE]
+        weight_map, names = {}, []
+        for i, (tmp_name, tensors) in enumerate(self.written):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.dir / tmp_name, self.dir / final)
+            weight_map.update({t: final for t in tensors})
+            names.append(final)
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        return names
+
+
+def copy_tokenizer_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the tokenizer (and generation config) files that exist in `src`; return their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def resolve_dtype(name: str | None, config: ModelConfig) -> torch.dtype:
+    """`auto`/None -> the checkpoint's own dtype; else fp32/bf16/fp16 by name."""
+    key = config.torch_dtype if name in (None, "auto") else name
+    if key not in DTYPES:
+        raise UserError(f"dtype {key!r} is not supported; use one of fp32, bf16, fp16, auto")
+    return DTYPES[key]
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype | None = "float32", device: str = "cpu"):
+    """Load a dense Hugging Face or upcycled checkpoint directory as a `CausalLM`.
+
+    Every parameter the model expects must be present with the exact shape; unexpected tensors are an
+    error too, so a mismatched checkpoint never loads silently.
+    """
+    from pipeline.model import CausalLM, RotaryEmbedding
+
+    _, config = read_hf_config(path)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, config)
+    with torch.device("meta"):
+        model = CausalLM(config)
+    expected = dict(model.state_dict())
+    reader = CheckpointReader(path)
+    if config.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    state = {}
+    for name, meta in expected.items():
+        if name not in reader:
+            raise UserError(
+                f"{path}: tensor {name!r} is missing from the checkpoint (config.json says it exists)"
+            )
+        tensor = reader.get(name)
+        if list(tensor.shape) != list(meta.shape):
+            raise UserError(
+                f"{path}: tensor {name!r} has shape {list(tensor.shape)}, config.json implies "
+                f"{list(meta.shape)}"
+            )
+        state[name] = tensor.to(device=device, dtype=torch_dtype)
+    unexpected = sorted(set(reader.names()) - set(expected) - {"lm_head.weight"})
+    if unexpected:
+        raise UserError(f"{path}: the checkpoint has tensors the model does not: {unexpected[:5]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = RotaryEmbedding(config).to(device)  # non-persistent buffer: rebuild off meta
+    return model.eval()

@@ -1,0 +1,157 @@
+"""A Llama-family decoder (Llama, Mistral, Qwen2) in plain PyTorch, readable top to bottom.
+
+Parameter names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`), so a
+Hugging Face state dict loads as it is. Decoder layers listed in `config.moe.layers` have an `MoEBlock`
+as their `mlp`. No distributed code lives here: parallelism is applied from `pipeline/train.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pipeline.config import ModelConfig, rope_inv_freq
+from pipeline.moe import MoEBlock
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back, then scale: the order Hugging Face uses, so bf16 results match.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.register_buffer("inv_freq", rope_inv_freq(config.rope, config.head_dim), persistent=False)
+
+    def forward(self, positions_T: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs_TD = positions_T.float()[:, None] * self.inv_freq.float()[None, :]  # D = head_dim / 2
+        emb_T2D = torch.cat((freqs_TD, freqs_TD), dim=-1)
+        return emb_T2D.cos().to(dtype), emb_T2D.sin().to(dtype)
+
+
+def apply_rotary(x_BNTD: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+    half = x_BNTD.shape[-1] // 2
+    rotated = torch.cat((-x_BNTD[..., half:], x_BNTD[..., :half]), dim=-1)
+    return x_BNTD * cos_TD + rotated * sin_TD
+
+
+class Attention(nn.Module):
+    """Grouped-query causal self-attention through PyTorch SDPA."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H, hd = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            hd,
+        )
+        self.q_proj = nn.Linear(H, self.n_heads * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(H, self.n_kv_heads * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(H, self.n_kv_heads * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, H, bias=config.o_bias)
+
+    def forward(self, x_BTH: torch.Tensor, cos_TD: torch.Tensor, sin_TD: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x_BTH.shape
+        q = self.q_proj(x_BTH).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x_BTH).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x_BTH).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos_TD, sin_TD), apply_rotary(k, cos_TD, sin_TD)
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """The dense SwiGLU MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        H, F_ = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(H, F_, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(H, F_, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(F_, H, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer_idx):
+            moe = config.moe
+            self.mlp = MoEBlock(
+                config.hidden_size,
+                moe.num_experts,
+                moe.top_k,
+                moe.expert_intermediate_size,
+                routing=moe.routing,
+                bias=config.mlp_bias,
+            )
+        else:
+            self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """Embeddings, decoder layers and final norm: Hugging Face's `model.` prefix."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class CausalLM(nn.Module):
+    """Decoder-only language model: `forward(input_ids [B, T]) -> logits [B, T, V]`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids_BT)
+        positions_T = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device)
+        cos, sin = self.model.rotary_emb(positions_T, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.model.norm(x))
+
+    def moe_blocks(self) -> list[tuple[int, MoEBlock]]:
+        """(layer index, block) for every MoE layer, in order."""
+        return [
+            (i, layer.mlp) for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoEBlock)
+        ]
+
+    def num_parameters(self) -> tuple[int, int]:
+        """(total, active per token): experts count K/N of their parameters as active."""
+        total = sum(p.numel() for p in self.parameters())
+        inactive = 0
+        for _, block in self.moe_blocks():
+            expert_params = sum(p.numel() for p in block.experts.parameters())
+            inactive += expert_params - expert_params * block.top_k // block.num_experts
+        return total, total - inactive

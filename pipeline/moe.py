@@ -1,0 +1,143 @@
+"""The MoE block: router (`gate`) plus fused experts, in the layout DeepSpeed AutoEP and transformers use.
+
+Shapes: T tokens, H hidden, N experts, K experts per token, I expert width.
+
+    gate                  nn.Linear(H, N, bias=False)        router, logits_TN = gate(x_TH)
+    experts.gate_up_proj  [N, 2I, H]   rows [0, I) gate, rows [I, 2I) up
+    experts.down_proj     [N, H, I]
+    experts.act_fn        SiLU
+
+The forward is dropless (every token reaches its K experts). Routing math runs in fp32:
+- "softmax-topk" (default): probs_TN = softmax(logits); keep the top K probabilities, no renormalisation;
+- "topk-softmax" (Mixtral): take the top K logits, softmax over those K.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def route(logits_TN: torch.Tensor, top_k: int, routing: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (weights_TK fp32, experts_TK int64) for router logits of any dtype."""
+    logits_TN = logits_TN.float()
+    if routing == "softmax-topk":
+        return F.softmax(logits_TN, dim=-1).topk(top_k, dim=-1)
+    if routing == "topk-softmax":
+        top_logits_TK, experts_TK = logits_TN.topk(top_k, dim=-1)
+        return F.softmax(top_logits_TK, dim=-1), experts_TK
+    raise ValueError(f"unknown routing {routing!r}")
+
+
+def load_balancing_loss(logits_TN: torch.Tensor, experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch Transformer loss N * sum_e f_e * P_e.
+
+    f_e: share of the T*K routed slots that went to expert e (no gradient);
+    P_e: mean router probability of e over the T tokens (carries the gradient to the router).
+    Equals 1 for perfectly uniform routing.
+    """
+    probs_TN = F.softmax(logits_TN.float(), dim=-1)
+    slots_N = torch.bincount(experts_TK.flatten(), minlength=num_experts).float()
+    f_N = slots_N / experts_TK.numel()
+    return num_experts * torch.sum(f_N * probs_TN.mean(dim=0))
+
+
+def router_z_loss(logits_TN: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2; keeps router logits small."""
+    return torch.logsumexp(logits_TN.float(), dim=-1).square().mean()
+
+
+def _grouped_mm_available(x: torch.Tensor) -> bool:
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
+
+
+class Experts(nn.Module):
+    """N SwiGLU experts stored as 3-D tensors; `forward` takes tokens already sorted by expert."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        # Biases exist only when the dense MLP had them (Llama `mlp_bias`).
+        self.gate_up_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size)) if bias else None
+        self.down_bias = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x_SH: torch.Tensor, tokens_per_expert_N: torch.Tensor) -> torch.Tensor:
+        """x_SH: S = T*K routed slots, grouped by expert in order 0..N-1; returns y_SH."""
+        if _grouped_mm_available(x_SH) and self.gate_up_bias is None:
+            return self._forward_grouped(x_SH, tokens_per_expert_N)
+        return self._forward_loop(x_SH, tokens_per_expert_N)
+
+    def _swiglu(self, gate_up_S2I: torch.Tensor) -> torch.Tensor:
+        gate_SI, up_SI = gate_up_S2I.split(self.intermediate_size, dim=-1)
+        return self.act_fn(gate_SI) * up_SI
+
+    def _forward_loop(self, x_SH: torch.Tensor, tokens_per_expert_N: torch.Tensor) -> torch.Tensor:
+        outputs = []
+        for e, x_eH in enumerate(x_SH.split(tokens_per_expert_N.tolist())):
+            if x_eH.shape[0] == 0:
+                continue
+            gate_up_bias = None if self.gate_up_bias is None else self.gate_up_bias[e]
+            down_bias = None if self.down_bias is None else self.down_bias[e]
+            h_eI = self._swiglu(F.linear(x_eH, self.gate_up_proj[e], gate_up_bias))
+            outputs.append(F.linear(h_eI, self.down_proj[e], down_bias))
+        return torch.cat(outputs) if outputs else x_SH.new_zeros(x_SH.shape)
+
+    def _forward_grouped(self, x_SH: torch.Tensor, tokens_per_expert_N: torch.Tensor) -> torch.Tensor:
+        # One grouped GEMM per projection, no host sync: offsets are the cumulative token counts.
+        offsets_N = tokens_per_expert_N.cumsum(0).to(torch.int32)
+        gate_up_S2I = torch._grouped_mm(x_SH, self.gate_up_proj.transpose(-2, -1), offs=offsets_N)
+        return torch._grouped_mm(self._swiglu(gate_up_S2I), self.down_proj.transpose(-2, -1), offs=offsets_N)
+
+
+class MoEBlock(nn.Module):
+    """Router + experts, a drop-in replacement for the dense MLP of a decoder layer.
+
+    After each forward, `last_router_logits_TN` and `last_tokens_per_expert_N` hold this step's router
+    logits (for the auxiliary losses) and expert loads (for metrics).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        routing: str = "softmax-topk",
+        bias: bool = False,
+    ):
+        super().__init__()
+        self.num_experts, self.top_k, self.routing = num_experts, top_k, routing
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, bias=bias)
+        self.last_router_logits_TN: torch.Tensor | None = None
+        self.last_tokens_per_expert_N: torch.Tensor | None = None
+
+    def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
+        B, T, H = x_BTH.shape
+        x_TH = x_BTH.reshape(-1, H)
+        # Router in fp32 even for bf16 weights: at step 0 the virtual groups' logits differ by ~1e-3, and
+        # bf16 rounding could make two copies tie and top-K then split a group.
+        logits_TN = F.linear(x_TH.float(), self.gate.weight.float())
+        weights_TK, experts_TK = route(logits_TN, self.top_k, self.routing)
+
+        # Sort the T*K (token, expert) slots by expert so each expert sees one contiguous block.
+        experts_S = experts_TK.flatten()
+        order_S = experts_S.argsort(stable=True)
+        token_of_slot_S = order_S // self.top_k
+        tokens_per_expert_N = torch.bincount(experts_S, minlength=self.num_experts)
+        y_SH = self.experts(x_TH[token_of_slot_S], tokens_per_expert_N)
+        y_SH = y_SH * weights_TK.flatten()[order_S].unsqueeze(-1).to(y_SH.dtype)
+        out_TH = torch.zeros_like(x_TH).index_add_(0, token_of_slot_S, y_SH)
+
+        self.last_router_logits_TN = logits_TN
+        self.last_tokens_per_expert_N = tokens_per_expert_N.detach()
+        return out_TH.view(B, T, H)

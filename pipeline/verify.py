@@ -1,0 +1,117 @@
+"""Function-preservation check: dense vs upcycled logits on the same tokens, one layer in memory at a time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import read_hf_config
+from pipeline.hf_io import CheckpointReader
+from pipeline.moe import MoEBlock, route
+
+# A fixed English passage, so that with a real tokenizer the check runs on natural text.
+SAMPLE_TEXT = (
+    "Mixture-of-Experts models route each token to a few experts, so their capacity can grow without a "
+    "matching growth in the compute spent per token. Upcycling starts such a model from a dense checkpoint: "
+    "the feed-forward network is copied into every expert, the router is initialised so that the copies "
+    "are chosen as whole groups, and the expert weights are scaled so that the new model computes the same "
+    "function as the old one. Training then continues from there, and the experts slowly specialise. "
+)
+
+
+@dataclass
+class VerifyReport:
+    tokens: int
+    relative_logit_error: float  # ||moe - dense|| / ||dense|| over all logits
+    max_abs_logit_error: float
+    top1_changed: float  # share of positions whose argmax token differs
+    whole_group_share: float  # share of (token, MoE layer) routings that picked whole virtual groups
+
+
+@torch.no_grad()
+def streamed_forward(model_dir: str | Path, input_ids_BT: torch.Tensor, on_moe=None) -> torch.Tensor:
+    """fp32 logits [B, T, V], materialising one decoder layer at a time from the safetensors files.
+
+    `on_moe(layer_idx, block)` is called after each MoE block ran (its router logits are then set).
+    """
+    from pipeline.model import DecoderLayer, RotaryEmbedding
+
+    _, config = read_hf_config(model_dir)
+    reader = CheckpointReader(model_dir)
+    embed_VH = reader.get("model.embed_tokens.weight").float()
+    x = F.embedding(input_ids_BT, embed_VH)
+    cos, sin = RotaryEmbedding(config)(torch.arange(input_ids_BT.shape[1]), torch.float32)
+    for i in range(config.num_hidden_layers):
+        with torch.device("meta"):
+            layer = DecoderLayer(config, i)
+        prefix = f"model.layers.{i}."
+        layer.load_state_dict({n: reader.get(prefix + n).float() for n in layer.state_dict()}, assign=True)
+        x = layer(x, cos, sin)
+        if on_moe is not None and isinstance(layer.mlp, MoEBlock):
+            on_moe(i, layer.mlp)
+        del layer
+    norm_w = reader.get("model.norm.weight").float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps) * norm_w
+    head_VH = embed_VH if config.tie_word_embeddings else reader.get("lm_head.weight").float()
+    return x @ head_VH.T
+
+
+def sample_tokens(model_dir: str | Path, vocab_size: int, n_tokens: int, seed: int) -> torch.Tensor:
+    """[1, n_tokens] ids: the model's own tokenizer on SAMPLE_TEXT if it has one, else seeded random ids."""
+    tokenizer_file = Path(model_dir) / "tokenizer.json"
+    if tokenizer_file.is_file():
+        from tokenizers import Tokenizer
+
+        ids = Tokenizer.from_file(str(tokenizer_file)).encode(SAMPLE_TEXT * (1 + n_tokens // 50)).ids
+        ids = [i for i in ids if i < vocab_size][:n_tokens]
+        if len(ids) == n_tokens:
+            return torch.tensor([ids])
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab_size, (1, n_tokens), generator=generator)
+
+
+def verify_upcycled(
+    dense_dir: str | Path, moe_dir: str | Path, n_tokens: int = 256, seed: int = 0
+) -> VerifyReport:
+    """Run both checkpoints on the same tokens; measure how far the upcycled model is from the dense one."""
+    _, moe_config = read_hf_config(moe_dir)
+    moe = moe_config.moe
+    ids = sample_tokens(dense_dir, moe_config.vocab_size, n_tokens, seed)
+    dense_logits = streamed_forward(dense_dir, ids)
+    whole, total = [0], [0]
+
+    def count_whole_groups(_, block: MoEBlock):
+        _, experts_TK = route(block.last_router_logits_TN, moe.top_k, moe.routing)
+        whole[0] += int(whole_group_mask(experts_TK, moe.granularity).sum())
+        total[0] += experts_TK.shape[0]
+
+    moe_logits = streamed_forward(moe_dir, ids, on_moe=count_whole_groups)
+    diff = moe_logits - dense_logits
+    return VerifyReport(
+        tokens=ids.numel(),
+        relative_logit_error=float(diff.norm() / dense_logits.norm()),
+        max_abs_logit_error=float(diff.abs().max()),
+        top1_changed=float((moe_logits.argmax(-1) != dense_logits.argmax(-1)).float().mean()),
+        whole_group_share=whole[0] / max(total[0], 1),
+    )
+
+
+def whole_group_mask(experts_TK: torch.Tensor, granularity: int) -> torch.Tensor:
+    """[T] bool: the K experts of a token are K/G complete virtual groups (every shard of each copy).
+
+    top-K indices are distinct, so a copy is complete exactly when its group id appears G times.
+    """
+    T, K = experts_TK.shape
+    groups_sorted = (experts_TK // granularity).sort(dim=-1).values.view(T, K // granularity, granularity)
+    return (groups_sorted == groups_sorted[..., :1]).all(-1).all(-1)
+
+
+def format_report(report: VerifyReport) -> str:
+    return (
+        f"verify on {report.tokens} tokens: relative logit error {report.relative_logit_error:.3e}, "
+        f"max abs {report.max_abs_logit_error:.3e}, top-1 changed {100 * report.top1_changed:.2f}% of "
+        f"tokens, whole virtual groups {100 * report.whole_group_share:.1f}% of routings"
+    )
