@@ -124,8 +124,8 @@ def convert(
     for layer in tqdm(moe.layers, desc="upcycle MLPs", unit="layer"):
         prefix = f"model.layers.{layer}.mlp."
         writer.add(prefix + "gate.weight", virtual_group_router(moe, config.hidden_size, layer).to(dtype))
-        for name, tensor in _upcycle_layer(reader, moe, prefix, config.mlp_bias).items():
-            writer.add(prefix + "experts." + name, tensor.to(dtype))
+        for name, tensor in _upcycle_layer(reader, moe, prefix, config.mlp_bias, dtype).items():
+            writer.add(prefix + "experts." + name, tensor)
     files = writer.close()
     out_config = dict(raw_config)
     out_config["moe"] = moe.to_dict()
@@ -135,10 +135,10 @@ def convert(
     return files
 
 
-def _upcycle_layer(reader: CheckpointReader, moe: MoEConfig, prefix: str, has_bias: bool) -> dict:
+def _upcycle_layer(reader: CheckpointReader, moe: MoEConfig, prefix: str, has_bias: bool, dtype) -> dict:
     weights = [reader.get(f"{prefix}{part}.weight") for part in MLP_PARTS]
     biases = [reader.get(f"{prefix}{part}.bias") for part in MLP_PARTS] if has_bias else []
-    return upcycle_mlp(moe, *weights, *biases)
+    return upcycle_mlp(moe, *weights, *biases, dtype=dtype)
 
 
 def parameter_counts(config: ModelConfig) -> tuple[int, int]:

@@ -62,7 +62,6 @@ class CheckpointReader:
         for path in set(self.file_of.values()):
             if not path.is_file():
                 raise UserError(f"{path}: listed in {index_path.name} but missing")
-        self._handles: dict[Path, object] = {}
 
     def names(self) -> list[str]:
         return list(self.file_of)
@@ -71,16 +70,14 @@ class CheckpointReader:
         return name in self.file_of
 
     def get(self, name: str) -> torch.Tensor:
-        path = self.file_of[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, "pt")
-        return self._handles[path].get_tensor(name)
+        # Open per read: a handle kept open keeps every page it touched mapped, and the resident set
+        # of a streaming conversion would grow to the size of the whole checkpoint.
+        with safe_open(self.file_of[name], "pt") as f:
+            return f.get_tensor(name)
 
     def shape(self, name: str) -> list[int]:
-        path = self.file_of[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(path, "pt")
-        return list(self._handles[path].get_slice(name).get_shape())
+        with safe_open(self.file_of[name], "pt") as f:
+            return list(f.get_slice(name).get_shape())
 
 
 class ShardWriter:

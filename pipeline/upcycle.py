@@ -137,30 +137,32 @@ def upcycle_mlp(
     gate_bias_F: torch.Tensor | None = None,
     up_bias_F: torch.Tensor | None = None,
     down_bias_H: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """Expert tensors (fp32) for one dense MLP, names relative to the MoE block's `experts`.
+    """Expert tensors in `dtype` for one dense MLP, names relative to the MoE block's `experts`.
 
     Shard s takes rows [s*I, (s+1)*I) of gate and up and the same columns of down. up and down are both
-    multiplied by sqrt(c): SwiGLU is linear in each, so the product restores dense(x) exactly.
+    multiplied by sqrt(c): SwiGLU is linear in each, so the product restores dense(x) exactly. The
+    scaling runs in fp32 on the G shards once; only then are they cast and replicated R times.
     """
     G, R, I = moe.granularity, moe.expansion_rate, moe.expert_intermediate_size
     H = gate_FH.shape[1]
     root_c = math.sqrt(moe.expert_scale)
-    gate_GIH = gate_FH.float().reshape(G, I, H)
-    up_GIH = up_FH.float().reshape(G, I, H) * root_c
-    down_GHI = down_HF.float().reshape(H, G, I).permute(1, 0, 2) * root_c
+    gate_GIH = gate_FH.float().reshape(G, I, H).to(dtype)
+    up_GIH = (up_FH.float().reshape(G, I, H) * root_c).to(dtype)
+    down_GHI = (down_HF.float().reshape(H, G, I).permute(1, 0, 2) * root_c).to(dtype)
     tensors = {
         "gate_up_proj": torch.cat([gate_GIH, up_GIH], dim=1).repeat(R, 1, 1),  # [N, 2I, H], e = r*G + s
-        "down_proj": down_GHI.repeat(R, 1, 1).contiguous(),  # [N, H, I]
+        "down_proj": down_GHI.repeat(R, 1, 1),  # [N, H, I]
     }
     if gate_bias_F is not None:
-        gate_up_bias_G2I = torch.cat(
-            [gate_bias_F.float().reshape(G, I), up_bias_F.float().reshape(G, I) * root_c], dim=1
+        up_bias_GI = up_bias_F.float().reshape(G, I) * root_c
+        tensors["gate_up_bias"] = torch.cat([gate_bias_F.float().reshape(G, I), up_bias_GI], dim=1).repeat(
+            R, 1
         )
-        tensors["gate_up_bias"] = gate_up_bias_G2I.repeat(R, 1)
         # The dense output bias belongs once to the sum: K/G groups x G shards, each weighted ~1/c,
         # must add up to b, so every expert carries b * c / G.
         tensors["down_bias"] = (
             (down_bias_H.float() * moe.expert_scale / G).expand(moe.num_experts, -1).clone()
         )
-    return tensors
+    return {name: t.to(dtype) for name, t in tensors.items()}
