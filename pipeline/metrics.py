@@ -1,4 +1,4 @@
-"""Training observability: MoE health from router logits, FLOP estimates, TensorBoard, the expert-load picture."""
+"""Training observability: MoE health from router logits, FLOP estimates, the expert-load picture."""
 
 from __future__ import annotations
 
