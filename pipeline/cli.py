@@ -14,7 +14,7 @@ from pipeline.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     from data_prep import cli as prep_cli
-    from pipeline import convert, init_model
+    from pipeline import convert, init_model, launcher
 
     parser = argparse.ArgumentParser(
         prog="upcycle",
@@ -24,12 +24,17 @@ def build_parser() -> argparse.ArgumentParser:
     init_model.add_parser(sub)
     convert.add_parser(sub)
     prep_cli.add_parser(sub)
+    launcher.add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `upcycle train` passes `--section.key value` overrides through to the run config.
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "allow_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
     try:
         return int(args.func(args) or 0)
     except UserError as exc:

@@ -173,8 +173,8 @@ def launch_world_size() -> int:
     return 1
 
 
-def validate(cfg: RunConfig, world_size: int, num_experts: int | None, cuda: bool) -> None:
-    """Every check that can fail without a process group; each message names the key to change."""
+def validate(cfg: RunConfig, world_size: int, cuda: bool) -> None:
+    """Checks of the run config on its own (no model read yet); each message names the key to change."""
     t, p = cfg.train, cfg.parallel
     problems = []
     if not cfg.model.path:
@@ -201,10 +201,6 @@ def validate(cfg: RunConfig, world_size: int, num_experts: int | None, cuda: boo
         )
     if p.ep_size >= 1 and world_size % p.ep_size:
         problems.append(f"parallel.ep_size={p.ep_size} does not divide the world size {world_size}")
-    if num_experts is not None and p.ep_size >= 1 and num_experts % p.ep_size:
-        problems.append(f"parallel.ep_size={p.ep_size} does not divide the model's {num_experts} experts")
-    if num_experts is None and p.ep_size > 1:
-        problems.append(f"parallel.ep_size={p.ep_size} but the model at model.path is dense (no experts)")
     if p.zero_stage not in (1, 2, 3):
         problems.append(f"parallel.zero_stage={p.zero_stage}: must be 1, 2 or 3")
     if t.precision not in ("fp32", "bf16"):
@@ -219,3 +215,12 @@ def validate(cfg: RunConfig, world_size: int, num_experts: int | None, cuda: boo
         problems.append(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}")
     if problems:
         raise UserError("invalid run config:\n  - " + "\n  - ".join(problems))
+
+
+def validate_against_model(cfg: RunConfig, num_experts: int | None) -> None:
+    """Checks that need the model's config: expert parallelism must split the experts evenly."""
+    ep = cfg.parallel.ep_size
+    if num_experts is None and ep > 1:
+        raise UserError(f"parallel.ep_size={ep} but the model at model.path is dense (no experts): use 1")
+    if num_experts is not None and num_experts % ep:
+        raise UserError(f"parallel.ep_size={ep} does not divide the model's {num_experts} experts")

@@ -30,7 +30,13 @@ from pipeline import checkpointing, metrics
 from pipeline.config import ModelConfig, read_hf_config
 from pipeline.errors import UserError
 from pipeline.moe import load_balancing_loss, route, router_z_loss
-from pipeline.run_config import RunConfig, launch_world_size, load_run_config, validate
+from pipeline.run_config import (
+    RunConfig,
+    launch_world_size,
+    load_run_config,
+    validate,
+    validate_against_model,
+)
 
 DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
 ROUTER_SUFFIX = "mlp.router.gate"  # AutoEP moves our `mlp.gate` Linear to `mlp.router.gate`
@@ -381,9 +387,7 @@ class Trainer:
             self.log(f"expert load picture: {png}")
         if self.writer:
             self.writer.close()
-        self.log(
-            f"done: {self.step} steps; tensorboard --logdir {self.cfg.output.dir}/tensorboard"
-        )
+        self.log(f"done: {self.step} steps; tensorboard --logdir {self.cfg.output.dir}/tensorboard")
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -425,17 +429,19 @@ def init_distributed(cfg: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
-def prepare(argv: list[str]) -> tuple[RunConfig, ModelConfig]:
-    """Everything that can fail before a process group exists: config, model config, data directories."""
+def prepare(argv: list[str], world_size: int | None = None) -> tuple[RunConfig, ModelConfig]:
+    """Everything that can fail before a process group exists: config, model config, data directories.
+
+    `world_size` defaults to what the launcher's environment says.
+    """
     from data_prep.reader import PackedTokenDataset
 
     config_path, overrides = parse_args(argv)
     cfg = load_run_config(config_path, overrides)
-    if not cfg.model.path:
-        validate(cfg, launch_world_size(), None, torch.cuda.is_available())
+    world_size = world_size or launch_world_size()
+    validate(cfg, world_size, torch.cuda.is_available())
     _, model_config = read_hf_config(cfg.model.path)
-    num_experts = model_config.moe.num_experts if model_config.moe else None
-    validate(cfg, launch_world_size(), num_experts, torch.cuda.is_available())
+    validate_against_model(cfg, model_config.moe.num_experts if model_config.moe else None)
     if model_config.moe and model_config.mlp_bias:
         raise UserError(
             f"model.path {cfg.model.path}: MoE experts with biases (mlp_bias) are not supported by "
@@ -443,7 +449,7 @@ def prepare(argv: list[str]) -> tuple[RunConfig, ModelConfig]:
         )
     for split in ("train", "valid"):
         PackedTokenDataset(cfg.data.path, split, cfg.train.seq_len, cfg.train.seed, cfg.data.weights)
-    checkpointing.check_topology(cfg.output.dir, topology(cfg, launch_world_size()))
+    checkpointing.check_topology(cfg.output.dir, topology(cfg, world_size))
     if cfg.train.precision == "bf16" and not torch.cuda.is_available():
         print("warning: train.precision=bf16 on CPU is slow; fp32 is the CPU default", file=sys.stderr)
     return cfg, model_config

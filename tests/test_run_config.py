@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
-from pipeline.run_config import RunConfig, load_run_config, validate
+from pipeline.run_config import RunConfig, load_run_config, validate, validate_against_model
 from pipeline.train import build_ds_config, lr_multiplier, prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +38,8 @@ MOE_MODEL = ModelConfig.from_hf_dict(
 def test_every_shipped_config_loads_validates_and_builds_a_ds_config(path):
     cfg = load_run_config(str(path), [])
     world = 16 if cfg.parallel.backend == "nccl" else 2
-    validate(cfg, world, num_experts=8, cuda=cfg.parallel.backend == "nccl")
+    validate(cfg, world, cuda=cfg.parallel.backend == "nccl")
+    validate_against_model(cfg, num_experts=8)
     ds = build_ds_config(cfg, MOE_MODEL, world, cuda=False)
     assert ds["train_batch_size"] == cfg.train.global_batch
     assert (
@@ -100,27 +101,34 @@ def test_bad_keys_and_types_name_the_key(overrides, message):
 
 
 @pytest.mark.parametrize(
-    "overrides,world,experts,message",
+    "overrides,world,message",
     [
-        (["--parallel.ep_size", "3"], 2, 8, "parallel.ep_size=3 does not divide the world size 2"),
-        (["--parallel.ep_size", "4"], 4, 6, "parallel.ep_size=4 does not divide the model's 6 experts"),
-        (["--parallel.ep_size", "2"], 2, None, "the model at model.path is dense"),
+        (["--parallel.ep_size", "3"], 2, "parallel.ep_size=3 does not divide the world size 2"),
         (
             ["--train.global_batch", "6", "--train.micro_batch", "2"],
             2,
-            8,
             "train.global_batch=6 is not a multiple",
         ),
-        (["--parallel.zero_stage", "4"], 2, 8, "parallel.zero_stage=4"),
-        (["--train.precision", "fp16"], 2, 8, "train.precision='fp16'"),
-        (["--parallel.backend", "nccl"], 2, 8, "parallel.backend=nccl needs CUDA"),
-        (["--data.weights", "[1, 2]"], 2, 8, "data.weights has 2 entries for 1 data.path"),
+        (["--parallel.zero_stage", "4"], 2, "parallel.zero_stage=4"),
+        (["--train.precision", "fp16"], 2, "train.precision='fp16'"),
+        (["--parallel.backend", "nccl"], 2, "parallel.backend=nccl needs CUDA"),
+        (["--data.weights", "[1, 2]"], 2, "data.weights has 2 entries for 1 data.path"),
     ],
 )
-def test_invalid_settings_are_rejected_naming_the_key(overrides, world, experts, message):
+def test_invalid_settings_are_rejected_naming_the_key(overrides, world, message):
     cfg = load_run_config(None, ["--model.path", "m", "--data.path", "d", *overrides])
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        validate(cfg, world, experts, cuda=False)
+        validate(cfg, world, cuda=False)
+
+
+@pytest.mark.parametrize(
+    "ep_size,experts,message",
+    [(4, 6, "parallel.ep_size=4 does not divide the model's 6 experts"), (2, None, "model.path is dense")],
+)
+def test_expert_parallel_size_must_fit_the_model(ep_size, experts, message):
+    cfg = load_run_config(None, ["--parallel.ep_size", str(ep_size)])
+    with pytest.raises(UserError, match=message):
+        validate_against_model(cfg, experts)
 
 
 def test_prepare_rejects_missing_model_and_data_before_any_process_group(tmp_path, monkeypatch):
@@ -147,3 +155,29 @@ def test_cosine_schedule_with_warmup():
     assert lr_multiplier(10, cfg) == pytest.approx(1.0)
     assert lr_multiplier(100, cfg) == pytest.approx(0.1)
     assert lr_multiplier(55, cfg) == pytest.approx(0.55)
+
+
+def test_hostfile_slots_and_errors(tmp_path):
+    from pipeline.launcher import hostfile_slots
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("# two nodes\nnode-0 slots=8\n\nnode-1 slots=4  # smaller\n")
+    assert hostfile_slots(str(hostfile)) == 12
+    hostfile.write_text("node-0 gpus=8\n")
+    with pytest.raises(UserError, match="line 1: expected 'hostname slots=N'"):
+        hostfile_slots(str(hostfile))
+    with pytest.raises(UserError, match="file not found"):
+        hostfile_slots(str(tmp_path / "missing"))
+
+
+def test_upcycle_train_validates_before_launching(tmp_path, capsys):
+    from pipeline.cli import main
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-0 slots=3\n")
+    rc = main(["train", "--config", str(SHIPPED[-1]), "--hostfile", str(hostfile), "--dry-run"])
+    assert rc == 2
+    assert (
+        "train.global_batch=8 is not a multiple of train.micro_batch (2) x world size (3)"
+        in capsys.readouterr().err
+    )

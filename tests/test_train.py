@@ -102,20 +102,43 @@ def workspace(tmp_path_factory):
     return root
 
 
-def launch(workspace: Path, out: str, *overrides: str, wait: bool = True, timeout: int = 300):
-    cmd = [
-        "deepspeed",
-        "--num_gpus",
+LAUNCHERS = {
+    "deepspeed": lambda port: ["deepspeed", "--num_gpus", "2", "--master_port", str(port), TRAIN],
+    "upcycle": lambda port: ["upcycle", "train", "--nproc", "2", "--master-port", str(port)],
+    "torchrun": lambda port: ["torchrun", "--nproc_per_node", "2", "--master_port", str(port), TRAIN],
+    # Rank discovery through mpi4py (deepspeed.init_distributed(auto_mpi_discovery=True)).
+    "mpirun": lambda port: [
+        "mpirun",
+        "-n",
         "2",
-        "--master_port",
-        str(free_port()),
+        "--allow-run-as-root",
+        "--oversubscribe",
+        "-x",
+        "PYTHONPATH",
+        "-x",
+        "OMP_NUM_THREADS",
+        "-x",
+        f"MASTER_PORT={port}",
+        sys.executable,
         TRAIN,
+    ],
+}
+
+
+def launch(
+    workspace: Path,
+    out: str,
+    *overrides: str,
+    wait: bool = True,
+    timeout: int = 300,
+    launcher: str = "deepspeed",
+):
+    data_args = ["--model.path", str(workspace / "moe"), "--data.path", str(workspace / "data")]
+    cmd = [
+        *LAUNCHERS[launcher](free_port()),
         "--config",
         TINY_CONFIG,
-        "--model.path",
-        str(workspace / "moe"),
-        "--data.path",
-        str(workspace / "data"),
+        *data_args,
         "--output.dir",
         str(workspace / out),
         *overrides,
@@ -149,11 +172,17 @@ def losses(workspace: Path, out: str) -> dict[int, float]:
 
 
 def test_expert_parallel_is_the_same_math(workspace):
-    """EP=2 (experts split across the ranks, all-to-all) and EP=1 give the same losses; so does ZeRO-3."""
+    """EP=2 (experts split across the ranks, all-to-all) and EP=1 give the same losses; so does ZeRO-3.
+
+    The three runs also go through the three launchers: deepspeed, torchrun and mpirun.
+    """
     common = ("--train.steps", "3", "--output.checkpoint_interval", "0", "--output.eval_interval", "0")
     launch(workspace, "ep2", "--parallel.ep_size", "2", *common)
-    launch(workspace, "ep1", "--parallel.ep_size", "1", *common)
-    launch(workspace, "ep2_zero3", "--parallel.ep_size", "2", "--parallel.zero_stage", "3", *common)
+    launch(workspace, "ep1", "--parallel.ep_size", "1", *common, launcher="torchrun")
+    zero3 = ("--parallel.ep_size", "2", "--parallel.zero_stage", "3")
+    launch(
+        workspace, "ep2_zero3", *zero3, *common, launcher="mpirun"
+    )
     ep2, ep1, zero3 = (losses(workspace, name) for name in ("ep2", "ep1", "ep2_zero3"))
     assert sorted(ep2) == [1, 2, 3]
     for step in ep2:
@@ -173,7 +202,7 @@ def test_training_learns_logs_and_resumes_exactly(workspace):
         "--train.lr",
         "3e-3",
     )
-    launch(workspace, "full", *steps)
+    launch(workspace, "full", *steps, launcher="upcycle")  # the convenience command
     full = losses(workspace, "full")
     assert sorted(full) == list(range(1, 13))
     assert sum(full[s] for s in (10, 11, 12)) / 3 < sum(full[s] for s in (1, 2, 3)) / 3 - 0.1
