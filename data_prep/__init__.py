@@ -1,0 +1,1 @@
+"""Data preparation: corpora to packed, Megatron-compatible token shards, and the training reader."""

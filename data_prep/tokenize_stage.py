@@ -1,0 +1,530 @@
+"""`prep tokenize`: documents -> parallel tokenization -> Megatron `.bin/.idx` shards, resumable.
+
+Flow: the main process reads records in input order and cuts them into chunks; worker processes
+tokenize whole chunks with `encode_batch_fast` and return one flat numpy array per chunk; the main
+process consumes results in submission order, so the output never depends on the number of workers.
+
+Shards are written in *steps*: a step ends at the first document boundary where its tokens (train +
+valid) reach `--shard-tokens`, and produces `train_NNNNN` and `valid_NNNNN` (a split with no document
+in that step gets no file). Because both splits end at the same record, one record index says exactly
+where a resumed run restarts. A step is published by: write `*.tmp`, fsync, rename, then record it in
+`.prep_state.json` (temp file + os.replace). A rerun verifies the recorded shards (size, sha256) and
+continues from the step's end record, so no document is lost or written twice.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from data_prep.indexed import ShardFile, choose_dtype, fsync_dir, sha256_file
+from data_prep.sources import SKIP_REASONS, InputFile, RecordReader, expand_inputs, fingerprint
+from data_prep.tokenizer import TokenizerInfo, load_tokenizer
+from pipeline.errors import UserError
+
+STATE_FILE = ".prep_state.json"
+MANIFEST_FILE = "manifest.json"
+SPLITS = ("train", "valid")
+CHUNK_CHARS = 1 << 20  # text per worker task: big enough to amortise IPC, small enough to stream
+CHUNK_DOCS = 4096
+WARN_LIMIT = 20  # printed warnings per reason per run; all are counted
+KILL_ENV = "UPCYCLE_PREP_KILL"  # test hook: "<point>:<step>" makes the process SIGKILL itself there
+
+
+@dataclass
+class TokenizeConfig:
+    """Arguments of `prep tokenize` (see data_prep/cli.py for their help)."""
+
+    inputs: list[str]
+    tokenizer: str
+    out: str
+    text_key: str = "text"
+    workers: int = 1
+    valid_fraction: float = 0.01
+    seed: int = 1234
+    shard_tokens: int = 50_000_000
+    max_doc_chars: int = 10_000_000
+    eod_token: str | None = None
+    strict: bool = False
+    overwrite: bool = False
+    progress: bool | None = None  # None: tqdm decides (bars on a terminal only)
+
+
+# ---------------------------------------------------------------------------------------------- workers
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    """Load the tokenizer once per worker; one thread each, since the workers are the parallelism."""
+    global _WORKER_TOKENIZER
+    _die_with_parent()
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    _WORKER_TOKENIZER = Tokenizer.from_str(tokenizer_json)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when the main process dies (e.g. is killed), so a killed run
+    leaves no orphan workers holding its files and pipes."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        except (OSError, AttributeError):
+            pass
+
+
+def encode_chunk(tokenizer, texts: list[str], eod_id: int, dtype: str) -> tuple[np.ndarray, np.ndarray, list]:
+    """Tokenize texts; returns (all ids with EOD after each document, lengths incl. EOD, failed positions).
+
+    A text the tokenizer rejects is dropped and its position returned, so one bad document cannot
+    fail the whole chunk.
+    """
+    failed: list[int] = []
+    try:
+        ids = [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    except Exception:  # rare: retry one by one to isolate the culprit
+        ids = []
+        for i, t in enumerate(texts):
+            try:
+                ids.append(tokenizer.encode(t, add_special_tokens=False).ids)
+            except Exception:
+                failed.append(i)
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    out = np.empty(int(lengths.sum()), dtype=dtype)
+    ends = np.cumsum(lengths)
+    out[ends - 1] = eod_id
+    off = 0
+    for x, end in zip(ids, ends, strict=True):
+        out[off:end - 1] = x
+        off = int(end)
+    return out, lengths, failed
+
+
+def _encode_task(texts: list[str], eod_id: int, dtype: str):
+    return encode_chunk(_WORKER_TOKENIZER, texts, eod_id, dtype)
+
+
+# ---------------------------------------------------------------------------------------------- pieces
+@dataclass
+class Chunk:
+    """Records [rec_lo, rec_hi) as read: the good documents' texts and the skipped records."""
+
+    rec_lo: int
+    rec_hi: int = 0
+    texts: list = field(default_factory=list)
+    doc_rec: list = field(default_factory=list)
+    doc_file: list = field(default_factory=list)
+    bad: list = field(default_factory=list)  # (record, file index, reason)
+    chars: int = 0
+
+
+def split_is_valid(seed: int, records: np.ndarray, valid_fraction: float) -> np.ndarray:
+    """Per record index, whether it belongs to the valid split: a seeded splitmix64 hash, so the
+    split depends only on (seed, record index), never on workers or chunking."""
+    with np.errstate(over="ignore"):
+        z = records.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < valid_fraction
+
+
+class Counters:
+    """Per-input-file counts of documents and skipped records (by reason), in record order."""
+
+    COLUMNS = ("documents",) + SKIP_REASONS
+
+    def __init__(self, n_files: int, table: list | None = None):
+        self.table = np.array(table, dtype=np.int64) if table is not None else np.zeros(
+            (n_files, len(self.COLUMNS)), np.int64)
+
+    def add_docs(self, files: np.ndarray) -> None:
+        np.add.at(self.table[:, 0], files, 1)
+
+    def add_bad(self, events: list) -> None:
+        for _, fi, reason in events:
+            self.table[fi, 1 + SKIP_REASONS.index(reason)] += 1
+
+    def totals(self) -> dict:
+        sums = self.table.sum(axis=0)
+        skipped = {r: int(sums[1 + i]) for i, r in enumerate(SKIP_REASONS)}
+        return {"documents": int(sums[0]), "skipped": skipped}
+
+    def per_file(self, i: int) -> dict:
+        row = self.table[i]
+        skipped = {r: int(row[1 + j]) for j, r in enumerate(SKIP_REASONS) if row[1 + j]}
+        return {"documents": int(row[0]), "skipped": skipped}
+
+
+# ---------------------------------------------------------------------------------------------- state
+def _write_json_atomic(path: str, obj: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
+def _kill_hook(point: str, step: int) -> None:
+    """Test hook: SIGKILL ourselves at `point` of step `step` when UPCYCLE_PREP_KILL asks for it."""
+    want = os.environ.get(KILL_ENV)
+    if want and want == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _settings(cfg: TokenizeConfig, files: list[InputFile], tok: TokenizerInfo, dtype: np.dtype) -> dict:
+    """Everything the output depends on; a resumed run must match it exactly."""
+    return {
+        "inputs": [f.record() for f in files],
+        "tokenizer": {"path": tok.path, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                      "eod_id": tok.eod_id, "eod_token": tok.eod_token},
+        "dtype": dtype.name,
+        "text_key": cfg.text_key,
+        "valid_fraction": cfg.valid_fraction,
+        "seed": cfg.seed,
+        "shard_tokens": cfg.shard_tokens,
+        "max_doc_chars": cfg.max_doc_chars,
+    }
+
+
+def _first_difference(old: dict, new: dict) -> str:
+    for key in new:
+        if old.get(key) != new[key]:
+            return key
+    return "?"
+
+
+def _verify_steps(out: str, steps: list[dict]) -> None:
+    """Check every recorded shard is on disk unchanged; UserError naming the first that is not."""
+    for step in steps:
+        for shard in step["shards"].values():
+            path = os.path.join(out, shard["bin"])
+            ok = (os.path.isfile(path) and os.path.getsize(path) == shard["bin_bytes"]
+                  and os.path.isfile(os.path.join(out, shard["idx"]))
+                  and sha256_file(path) == shard["sha256"])
+            if not ok:
+                raise UserError(f"{path}: shard recorded as complete is missing or changed; "
+                                "rerun with --overwrite to start again")
+
+
+def _clean_out_dir(out: str) -> None:
+    """Remove our own files (shards, temp files, state, manifest) from a previous run."""
+    for name in os.listdir(out):
+        if name in (STATE_FILE, MANIFEST_FILE) or name.endswith(".tmp") or (
+                name.startswith(SPLITS) and name.endswith((".bin", ".idx"))):
+            os.remove(os.path.join(out, name))
+
+
+# ---------------------------------------------------------------------------------------------- the run
+class _Run:
+    """One invocation of the stage: holds the state, the open step and the counters."""
+
+    def __init__(self, cfg: TokenizeConfig, files: list[InputFile], tok: TokenizerInfo, dtype: np.dtype,
+                 state: dict):
+        self.cfg, self.files, self.tok, self.dtype, self.state = cfg, files, tok, dtype, state
+        self.counters = Counters(len(files), state.get("counters"))
+        self.open: dict[str, ShardFile] = {}
+        self.step_tokens = 0
+        self.warned: dict[str, int] = {}
+        self.t_mark = time.perf_counter()
+        self.new_tokens = 0
+
+    # -- messages
+    def warn(self, reason: str, message: str) -> None:
+        if self.cfg.strict and reason != "empty":
+            raise UserError(message + " [--strict]")
+        n = self.warned.get(reason, 0) + 1
+        self.warned[reason] = n
+        if n <= WARN_LIMIT:
+            _echo(f"warning: {message}")
+        elif n == WARN_LIMIT + 1:
+            _echo(f"warning: further '{reason}' warnings are not shown (all are counted in the manifest)")
+
+    # -- steps
+    def _shard(self, split: str) -> ShardFile:
+        if split not in self.open:
+            prefix = os.path.join(self.cfg.out, f"{split}_{len(self.state['steps']):05d}")
+            self.open[split] = ShardFile(prefix, self.dtype)
+        return self.open[split]
+
+    def close_step(self, end_record: int) -> None:
+        """Publish the open shards and record the step (with counters up to end_record) in the state."""
+        step = len(self.state["steps"])
+
+        def hook(point: str) -> None:
+            _kill_hook(point, step)
+
+        shards = {split: self.open[split].finish(hook) for split in SPLITS if split in self.open}
+        _kill_hook("after_rename", step)
+        self.open = {}
+        self.step_tokens = 0
+        self.state["steps"].append({"end_record": end_record, "shards": shards})
+        self.state["counters"] = self.counters.table.tolist()
+        self._save_state()
+        _kill_hook("after_state", step)
+
+    def _save_state(self) -> None:
+        now = time.perf_counter()
+        self.state["seconds"] = self.state.get("seconds", 0.0) + (now - self.t_mark)
+        self.t_mark = now
+        _write_json_atomic(os.path.join(self.cfg.out, STATE_FILE), self.state)
+
+    # -- consuming tokenized chunks
+    def consume(self, chunk: Chunk, tokens: np.ndarray, lengths: np.ndarray, failed: list[int]) -> None:
+        """Route a tokenized chunk's documents to the splits, closing steps at document boundaries."""
+        doc_rec = np.asarray(chunk.doc_rec, dtype=np.int64)
+        doc_file = np.asarray(chunk.doc_file, dtype=np.int64)
+        bad = list(chunk.bad)
+        if failed:
+            keep = np.ones(len(doc_rec), bool)
+            keep[failed] = False
+            for i in failed:
+                self.warn("invalid_utf8", f"{self.files[doc_file[i]].path}: record {doc_rec[i]}: "
+                                          "the tokenizer rejected the text; skipped")
+                bad.append((int(doc_rec[i]), int(doc_file[i]), "invalid_utf8"))
+            doc_rec, doc_file = doc_rec[keep], doc_file[keep]
+        bad.sort()
+        is_valid = split_is_valid(self.cfg.seed, doc_rec, self.cfg.valid_fraction)
+        starts = np.concatenate([[0], np.cumsum(lengths)])
+        lo = 0
+        while lo < len(doc_rec):
+            # the first document at which this step reaches shard_tokens
+            need = self.cfg.shard_tokens - self.step_tokens
+            hi = int(np.searchsorted(starts[lo + 1:] - starts[lo], need)) + lo + 1
+            hi = min(hi, len(doc_rec))
+            self._write_docs(tokens, starts, lo, hi, is_valid)
+            self.counters.add_docs(doc_file[lo:hi])
+            self.new_tokens += int(starts[hi] - starts[lo])
+            if self.step_tokens >= self.cfg.shard_tokens:
+                end = int(doc_rec[hi - 1]) + 1
+                self.counters.add_bad([b for b in bad if b[0] < end])
+                bad = [b for b in bad if b[0] >= end]
+                self.close_step(end)
+            lo = hi
+        self.counters.add_bad(bad)
+
+    def _write_docs(self, tokens, starts, lo: int, hi: int, is_valid: np.ndarray) -> None:
+        seg_lengths = starts[lo + 1:hi + 1] - starts[lo:hi]
+        seg_tokens = tokens[starts[lo]:starts[hi]]
+        seg_valid = is_valid[lo:hi]
+        for split, mask in (("train", ~seg_valid), ("valid", seg_valid)):
+            if not mask.any():
+                continue
+            shard = self._shard(split)
+            if mask.all():
+                shard.append(seg_tokens, seg_lengths)
+            else:
+                shard.append(seg_tokens[np.repeat(mask, seg_lengths)], seg_lengths[mask])
+        self.step_tokens += int(starts[hi] - starts[lo])
+
+
+def _echo(message: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def _read_chunks(reader: RecordReader, start: int):
+    """Group records from `start` into Chunks of about CHUNK_CHARS characters."""
+    chunk = Chunk(rec_lo=start)
+    rec = start
+    for rec, fi, text, reason in reader.records(start):
+        if text is None:
+            chunk.bad.append((rec, fi, reason))
+        else:
+            chunk.texts.append(text)
+            chunk.doc_rec.append(rec)
+            chunk.doc_file.append(fi)
+            chunk.chars += len(text)
+        if chunk.chars >= CHUNK_CHARS or len(chunk.texts) + len(chunk.bad) >= CHUNK_DOCS:
+            chunk.rec_hi = rec + 1
+            yield chunk
+            chunk = Chunk(rec_lo=rec + 1)
+    chunk.rec_hi = max(rec + 1, chunk.rec_lo) if (chunk.texts or chunk.bad) else chunk.rec_lo
+    yield chunk
+
+
+def _load_or_start_state(cfg: TokenizeConfig, settings: dict) -> dict | None:
+    """The state to continue from (verified), a fresh one, or None when the output is already complete."""
+    state_path = os.path.join(cfg.out, STATE_FILE)
+    manifest_path = os.path.join(cfg.out, MANIFEST_FILE)
+    if cfg.overwrite:
+        _clean_out_dir(cfg.out)
+    if os.path.isfile(state_path):
+        with open(state_path, encoding="utf-8") as f:
+            state = json.load(f)
+        if state["settings"] != settings:
+            key = _first_difference(state["settings"], settings)
+            raise UserError(f"{cfg.out} holds a run with different settings ('{key}' differs); rerun "
+                            "with the same inputs and flags to resume, or pass --overwrite to start again")
+        _verify_steps(cfg.out, state["steps"])
+        if state.get("complete") and os.path.isfile(manifest_path):
+            return None
+        return state
+    if os.path.isfile(manifest_path) or any(n.startswith(SPLITS) for n in os.listdir(cfg.out)):
+        raise UserError(f"--out {cfg.out}: holds shards but no {STATE_FILE}; pass --overwrite or use "
+                        "an empty directory")
+    return {"settings": settings, "steps": [], "counters": None, "seconds": 0.0, "complete": False}
+
+
+def run_tokenize(cfg: TokenizeConfig) -> dict:
+    """Run (or resume) the stage; returns the manifest, which is also written to OUT/manifest.json."""
+    if not 0.0 <= cfg.valid_fraction <= 1.0:
+        raise UserError(f"--valid-fraction {cfg.valid_fraction}: must be between 0 and 1")
+    if cfg.workers < 1:
+        raise UserError(f"--workers {cfg.workers}: must be at least 1")
+    if cfg.shard_tokens < 1:
+        raise UserError(f"--shard-tokens {cfg.shard_tokens}: must be at least 1")
+    files = expand_inputs(cfg.inputs)
+    tok = load_tokenizer(cfg.tokenizer, cfg.eod_token)
+    dtype = choose_dtype(tok.vocab_size)
+    t0 = time.perf_counter()
+    fingerprint(files)
+    if all(f.error for f in files):
+        raise UserError("no input file can be read: " + "; ".join(f"{f.path}: {f.error}" for f in files))
+    os.makedirs(cfg.out, exist_ok=True)
+    state = _load_or_start_state(cfg, _settings(cfg, files, tok, dtype))
+    if state is None:
+        _echo(f"{cfg.out}: already complete (manifest.json); nothing to do")
+        with open(os.path.join(cfg.out, MANIFEST_FILE), encoding="utf-8") as f:
+            return json.load(f)
+    for name in os.listdir(cfg.out):
+        if name.endswith(".tmp"):  # leftovers of a killed run
+            os.remove(os.path.join(cfg.out, name))
+    run = _Run(cfg, files, tok, dtype, state)
+    run.t_mark = t0
+    start = state["steps"][-1]["end_record"] if state["steps"] else 0
+    if start:
+        _echo(f"resuming {cfg.out} at record {start} ({len(state['steps'])} steps already written)")
+    total_records = _tokenize_records(run, start)
+    if run.open or total_records > start or not state["steps"]:
+        run.close_step(total_records)  # the last, partial step (also saves the final counters)
+    return _finish(run)
+
+
+def _tokenize_records(run: _Run, start: int) -> int:
+    """Feed chunks to the workers with a bounded queue and consume the results in order."""
+    from tqdm import tqdm
+
+    cfg = run.cfg
+    reader = RecordReader(run.files, cfg.text_key, cfg.max_doc_chars, run.warn)
+    total_bytes = sum(f.size or 0 for f in run.files)
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr,
+               disable=None if cfg.progress is None else not cfg.progress)
+    pending: deque = deque()
+    end = start
+    dtype = run.dtype.name
+    with ProcessPoolExecutor(cfg.workers, mp_context=_mp_context(), initializer=_init_worker,
+                             initargs=(run.tok.json_text,)) as pool:
+        def drain_one():
+            chunk, fut = pending.popleft()
+            run.consume(chunk, *fut.result())
+            bar.update(reader.bytes_done - bar.n)
+            bar.set_postfix(tokens=f"{run.new_tokens:,}", refresh=False)
+
+        for chunk in _read_chunks(reader, start):
+            end = chunk.rec_hi
+            pending.append((chunk, pool.submit(_encode_task, chunk.texts, run.tok.eod_id, dtype)))
+            while len(pending) > 2 * cfg.workers:
+                drain_one()
+        while pending:
+            drain_one()
+    bar.close()
+    return end
+
+
+def _mp_context():
+    import multiprocessing
+
+    # fork is fastest to start; the parent has not used the tokenizer's thread pool, so it is safe.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
+def _finish(run: _Run) -> dict:
+    """Write the manifest, mark the state complete, print the stats table."""
+    state = run.state
+    manifest = build_manifest(run.cfg, run.files, state, run.counters)
+    _write_json_atomic(os.path.join(run.cfg.out, MANIFEST_FILE), manifest)
+    state["complete"] = True
+    run._save_state()
+    print(format_stats(manifest))
+    return manifest
+
+
+def build_manifest(cfg: TokenizeConfig, files: list[InputFile], state: dict, counters: Counters) -> dict:
+    """The manifest: inputs, tokenizer, dtype, shards per split, totals and timing."""
+    settings = state["settings"]
+    splits = {}
+    for split in SPLITS:
+        shards = [s["shards"][split] for s in state["steps"] if split in s["shards"]]
+        splits[split] = {"documents": sum(s["documents"] for s in shards),
+                         "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    totals = counters.totals()
+    totals["tokens"] = sum(s["tokens"] for s in splits.values())
+    totals["input_bytes"] = sum(f.size or 0 for f in files)
+    totals["unreadable_files"] = sum(1 for f in files if f.error)
+    seconds = state.get("seconds", 0.0)
+    inputs = [dict(f.record(), **counters.per_file(i)) for i, f in enumerate(files)]
+    return {
+        "format": "megatron-mmap-indexed",
+        "format_version": 1,
+        "created_by": "upcycle prep tokenize",
+        "inputs": inputs,
+        "tokenizer": settings["tokenizer"],
+        "vocab_size": settings["tokenizer"]["vocab_size"],
+        "eod_id": settings["tokenizer"]["eod_id"],
+        "dtype": settings["dtype"],
+        "text_key": cfg.text_key,
+        "seed": cfg.seed,
+        "valid_fraction": cfg.valid_fraction,
+        "shard_tokens": cfg.shard_tokens,
+        "max_doc_chars": cfg.max_doc_chars,
+        "shard_naming": "{split}_{step:05d}.bin/.idx; a split with no document in a step has no file",
+        "splits": splits,
+        "totals": totals,
+        "timing": {
+            "seconds": round(seconds, 3),
+            "workers": cfg.workers,
+            "mb_per_s": round(totals["input_bytes"] / 1e6 / seconds, 3) if seconds else None,
+            "tokens_per_s": round(totals["tokens"] / seconds, 1) if seconds else None,
+        },
+    }
+
+
+def format_stats(manifest: dict) -> str:
+    """A small fixed-width table: documents, tokens, skipped, MB/s, tokens/s."""
+    t = manifest["totals"]
+    rows = [("split", "documents", "tokens", "shards")]
+    for split, s in manifest["splits"].items():
+        rows.append((split, f"{s['documents']:,}", f"{s['tokens']:,}", str(len(s["shards"]))))
+    rows.append(("total", f"{t['documents']:,}", f"{t['tokens']:,}",
+                 str(sum(len(s["shards"]) for s in manifest["splits"].values()))))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+
+    def fmt(r):
+        cells = zip(r, widths, strict=True)
+        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(cells))
+
+    lines = [fmt(r) for r in rows]
+    skipped = {k: v for k, v in t["skipped"].items() if v}
+    lines.append("skipped: " + (", ".join(f"{k}={v:,}" for k, v in skipped.items()) if skipped else "none")
+                 + (f"; unreadable files={t['unreadable_files']}" if t.get("unreadable_files") else ""))
+    tm = manifest["timing"]
+    if tm["seconds"]:
+        lines.append(f"input {t['input_bytes'] / 1e6:,.1f} MB in {tm['seconds']:.1f} s: "
+                     f"{tm['mb_per_s']:.2f} MB/s, {tm['tokens_per_s']:,.0f} tokens/s "
+                     f"({tm['workers']} workers; dtype {manifest['dtype']})")
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""prep tokenize survives SIGKILL at any point: the rerun finishes with byte-identical shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from data_prep.testing import make_documents, tiny_tokenizer, write_jsonl
+from data_prep.tokenize_stage import KILL_ENV, STATE_FILE, TokenizeConfig, run_tokenize
+from pipeline.errors import UserError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    tok = tiny_tokenizer(str(root / "tok"))
+    write_jsonl(str(root / "a.jsonl"), make_documents(300, seed=3))
+    write_jsonl(str(root / "b.jsonl"), make_documents(200, seed=4))
+    _prep_in_process(root, tok, "ref")
+    return root, tok
+
+
+def _prep_in_process(root, tok, out, inputs=None):
+    """Reference runs and reruns after a kill need no subprocess: the kill is what must be real."""
+    cfg = TokenizeConfig(
+        inputs=inputs or [str(root / "*.jsonl")],
+        tokenizer=tok,
+        out=str(root / out),
+        workers=2,
+        shard_tokens=2500,
+        valid_fraction=0.1,
+        progress=False,
+    )
+    return run_tokenize(cfg)
+
+
+def _prep(root, tok, out, kill=None, workers=2):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop(KILL_ENV, None)
+    if kill:
+        env[KILL_ENV] = kill
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.cli",
+        "prep",
+        "tokenize",
+        "--input",
+        str(root / "*.jsonl"),
+        "--tokenizer",
+        tok,
+        "--out",
+        str(root / out),
+        "--workers",
+        str(workers),
+        "--shard-tokens",
+        "2500",
+        "--valid-fraction",
+        "0.1",
+        "--no-progress",
+    ]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def _outputs(out) -> dict:
+    files = {
+        n: open(os.path.join(out, n), "rb").read()
+        for n in sorted(os.listdir(out))
+        if n.endswith((".bin", ".idx"))
+    }
+    with open(os.path.join(out, "manifest.json")) as f:
+        manifest = json.load(f)
+    manifest.pop("timing")
+    return files, manifest
+
+
+@pytest.mark.parametrize("kill", ["after_state:0", "before_rename:2", "after_rename:4"])
+def test_kill_and_rerun_gives_identical_output(setup, kill, capsys):
+    root, tok = setup
+    out = "k_" + kill.replace(":", "_")
+    killed = _prep(root, tok, out, kill=kill, workers=1)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not os.path.exists(root / out / "manifest.json")
+    state = json.load(open(root / out / STATE_FILE))
+    step = int(kill.split(":")[1])
+    assert len(state["steps"]) == (step + 1 if kill.startswith("after_state") else step)
+    _prep_in_process(root, tok, out)
+    resumed = "resuming" in capsys.readouterr().err
+    assert resumed == (len(state["steps"]) > 0)
+    assert not [n for n in os.listdir(root / out) if n.endswith(".tmp")]
+    assert _outputs(root / out) == _outputs(root / "ref")
+
+
+def test_external_kill_at_a_random_moment(setup):
+    root, tok = setup
+    out = root / "ext"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.cli",
+        "prep",
+        "tokenize",
+        "--input",
+        str(root / "*.jsonl"),
+        "--tokenizer",
+        tok,
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--shard-tokens",
+        "2500",
+        "--valid-fraction",
+        "0.1",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (out / "train_00003.bin").exists():
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _prep_in_process(root, tok, "ext")
+    assert _outputs(out) == _outputs(root / "ref")
+
+
+def test_changed_input_refuses_to_resume(setup, tmp_path):
+    root, tok = setup
+    write_jsonl(str(tmp_path / "c.jsonl"), ["new"])
+    with pytest.raises(UserError, match="'inputs' differs.*--overwrite"):
+        _prep_in_process(root, tok, "ref", inputs=[str(root / "*.jsonl"), str(tmp_path / "c.jsonl")])
+    _prep_in_process(root, tok, "ref")  # the same arguments: complete, nothing to redo
