@@ -43,13 +43,38 @@ def latest_tag(output_dir: str | Path) -> str | None:
     return tag
 
 
+# Test-only fault injection: rank 0 pauses this many seconds inside the save of step
+# UPCYCLE_TEST_PAUSE_IN_SAVE_AT_STEP, after DeepSpeed wrote its files and before run_state.json and `latest`,
+# so that a test can kill -9 the run in the middle of a save. Unset in normal runs.
+PAUSE_STEP_ENV, PAUSE_SECONDS = "UPCYCLE_TEST_PAUSE_IN_SAVE_AT_STEP", 120
+
+
 def save(engine, output_dir: str | Path, step: int, run_state: dict, keep: int) -> str:
-    """Every rank calls this. Returns the tag; `latest` names it only once all ranks are done."""
+    """Every rank calls this. Returns the tag; `latest` names it only once all ranks are done.
+
+    A failed write (full disk, quota, I/O error) raises UserError naming the directory; `latest` then
+    still names the previous checkpoint. The free-space check before writing is collective, so all ranks
+    refuse together when the file system cannot hold another checkpoint of the previous one's size.
+    """
     root = checkpoint_root(output_dir)
     tag = f"step_{step:08d}"
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    previous = latest_tag(output_dir)
+    _check_free_space(root, tag, previous)
     rank = dist.get_rank()
-    torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
+    except (OSError, RuntimeError) as exc:
+        raise UserError(
+            f"saving checkpoint {root / tag} failed on rank {rank}: {exc}. latest still names "
+            f"{previous or 'no checkpoint'}; free space in {root} (or set output.dir elsewhere) and run the "
+            "same command again to resume"
+        ) from exc
+    if rank == 0 and os.environ.get(PAUSE_STEP_ENV) == str(step):
+        print(f"test hook: pausing inside the save of {tag}", flush=True)
+        import time
+
+        time.sleep(PAUSE_SECONDS)
     dist.barrier()
     if rank == 0:
         _write_atomically(root / tag / "run_state.json", json.dumps(run_state, indent=2))
@@ -57,6 +82,34 @@ def save(engine, output_dir: str | Path, step: int, run_state: dict, keep: int) 
         _prune(root, keep)
     dist.barrier()
     return tag
+
+
+def _check_free_space(root: Path, tag: str, previous: str | None) -> None:
+    """Refuse (on every rank at once) a save that would not fit next to the previous checkpoint."""
+    need = 0
+    if previous is not None:
+        need = sum(f.stat().st_size for f in (root / previous).rglob("*") if f.is_file())
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    short = torch.tensor([1.0 if need > free else 0.0])
+    dist.all_reduce(short, op=dist.ReduceOp.MAX)
+    if short.item():
+        raise UserError(
+            f"not enough free space to save checkpoint {root / tag}: the previous one ({previous}) takes "
+            f"{need / 2**20:.1f} MiB and the file system of {root} has {free / 2**20:.1f} MiB free "
+            f"(on at least one rank). latest still names {previous}; free space or lower "
+            "output.keep_checkpoints, then run the same command again to resume"
+        )
+
+
+def remove_incomplete(output_dir: str | Path, latest: str | None) -> list[str]:
+    """Delete step directories left by a save that never completed (no run_state.json); return their tags."""
+    removed = []
+    for path in sorted(checkpoint_root(output_dir).glob("step_*")):
+        if path.is_dir() and path.name != latest and not (path / "run_state.json").is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
 
 def check_topology(output_dir: str | Path, expected: dict) -> str | None:

@@ -14,7 +14,7 @@ from pipeline.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     from data_prep import cli as prep_cli
-    from pipeline import convert, init_model, launcher
+    from pipeline import convert, evaluate, export, init_model, launcher
 
     parser = argparse.ArgumentParser(
         prog="upcycle",
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_parser(sub)
     prep_cli.add_parser(sub)
     launcher.add_parser(sub)
+    export.add_parser(sub)
+    evaluate.add_parser(sub)
     return parser
 
 

@@ -81,14 +81,18 @@ class Experts(nn.Module):
         return self.act_fn(gate_SI) * up_SI
 
     def _forward_loop(self, x_SH: torch.Tensor, tokens_per_expert_N: torch.Tensor) -> torch.Tensor:
+        # unbind once: indexing `param[e]` per expert would make autograd build a full-size zero
+        # gradient for every expert (N^2 memory traffic); unbind's backward stacks the N grads once.
+        gate_up_N, down_N = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        has_bias = self.gate_up_bias is not None
+        gate_up_bias_N = self.gate_up_bias.unbind(0) if has_bias else [None] * self.num_experts
+        down_bias_N = self.down_bias.unbind(0) if has_bias else [None] * self.num_experts
         outputs = []
         for e, x_eH in enumerate(x_SH.split(tokens_per_expert_N.tolist())):
             if x_eH.shape[0] == 0:
                 continue
-            gate_up_bias = None if self.gate_up_bias is None else self.gate_up_bias[e]
-            down_bias = None if self.down_bias is None else self.down_bias[e]
-            h_eI = self._swiglu(F.linear(x_eH, self.gate_up_proj[e], gate_up_bias))
-            outputs.append(F.linear(h_eI, self.down_proj[e], down_bias))
+            h_eI = self._swiglu(F.linear(x_eH, gate_up_N[e], gate_up_bias_N[e]))
+            outputs.append(F.linear(h_eI, down_N[e], down_bias_N[e]))
         return torch.cat(outputs) if outputs else x_SH.new_zeros(x_SH.shape)
 
     def _forward_grouped(self, x_SH: torch.Tensor, tokens_per_expert_N: torch.Tensor) -> torch.Tensor:

@@ -152,7 +152,6 @@ class Trainer:
         t = cfg.train
         torch.manual_seed(t.seed)
         model = load_model(cfg.model.path, dtype=torch.float32, device=str(device))
-        self._check_vocab(model_config)
         ds_config = build_ds_config(cfg, model_config, self.world, device.type == "cuda")
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model.train(),
@@ -177,19 +176,6 @@ class Trainer:
         self.flops_per_token = metrics.flops_per_token(model_config, t.seq_len)
         self.peak_tflops = metrics.peak_tflops(device)
 
-    def _check_vocab(self, model_config: ModelConfig) -> None:
-        from data_prep.reader import PackedTokenDataset
-
-        data = PackedTokenDataset(
-            self.cfg.data.path, "train", self.cfg.train.seq_len, 0, self.cfg.data.weights
-        )
-        if data.vocab_size > model_config.vocab_size:
-            raise UserError(
-                f"data.path was tokenized with a vocabulary of {data.vocab_size} tokens, but the model "
-                f"at model.path has vocab_size {model_config.vocab_size}: re-tokenize with the model's "
-                "own tokenizer"
-            )
-
     # ---- state ---------------------------------------------------------------------------------
     def run_state(self) -> dict:
         return {
@@ -202,6 +188,10 @@ class Trainer:
 
     def maybe_resume(self) -> None:
         tag = checkpointing.latest_tag(self.cfg.output.dir)
+        if self.rank == 0:
+            for removed in checkpointing.remove_incomplete(self.cfg.output.dir, tag):
+                self.log(f"removed incomplete checkpoint {removed} (a save that did not finish)")
+        dist.barrier()
         if tag is None:
             return
         state = checkpointing.load(self.engine, self.cfg.output.dir, tag)
@@ -261,7 +251,7 @@ class Trainer:
                 counts, ent = layer_loads
                 moe_counts = counts if moe_counts is None else moe_counts + counts
                 entropy = ent if entropy is None else entropy + ent
-        dist.all_reduce(totals)
+        dist.all_reduce(totals)  # a NaN or inf on any rank reaches every rank: all of them stop together
         totals /= self.world
         stats = dict(zip(("loss", "lm_loss", "aux_loss", "z_loss"), totals.tolist(), strict=True))
         if moe_counts is not None:
@@ -273,7 +263,26 @@ class Trainer:
         grad_norm = self.engine.get_global_grad_norm()
         stats["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         stats["lr"] = lr
+        self._stop_if_not_finite(stats)
         return stats
+
+    def _stop_if_not_finite(self, stats: dict) -> None:
+        """A non-finite loss or gradient norm has already reached the weights through engine.step(): stop
+        before anything is saved, so `latest` keeps naming the last finite checkpoint."""
+        keys = ("loss", "lm_loss", "aux_loss", "z_loss", "grad_norm")
+        bad = {k: stats[k] for k in keys if not math.isfinite(stats[k])}
+        if self.engine.get_global_grad_norm() is None:
+            bad.pop("grad_norm", None)  # no norm reported (not an accumulation boundary): not a fault
+        if not bad:
+            return
+        last = checkpointing.latest_tag(self.cfg.output.dir)
+        raise UserError(
+            f"non-finite training values at step {self.step + 1}: "
+            + ", ".join(f"{k}={v}" for k, v in bad.items())
+            + f" (lr {stats['lr']:.3g}). Stopped without saving; latest still names "
+            f"{last or 'no checkpoint'}. Lower train.lr, raise train.warmup_steps or check the data, "
+            "then run the same command again to resume from it."
+        )
 
     def forward_loss(self, tokens_BT1: torch.Tensor):
         inputs, targets = tokens_BT1[:, :-1], tokens_BT1[:, 1:]
@@ -417,11 +426,15 @@ def init_distributed(cfg: RunConfig) -> torch.device:
 
     cuda = torch.cuda.is_available()
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if cuda else "gloo")
-    deepspeed.init_distributed(
-        dist_backend=backend,
-        auto_mpi_discovery=True,
-        timeout=datetime.timedelta(seconds=cfg.parallel.timeout_s),
-    )
+    timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, timeout=timeout)
+    # Groups made later without a timeout (DeepSpeed's expert/data-parallel groups, the all-to-all's)
+    # take torch's module default (30 min), not the world's: a silent peer would hang them that long.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
+        c10d.default_pg_nccl_timeout = timeout
     if cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
@@ -448,11 +461,53 @@ def prepare(argv: list[str], world_size: int | None = None) -> tuple[RunConfig, 
             "DeepSpeed AutoEP training"
         )
     for split in ("train", "valid"):
-        PackedTokenDataset(cfg.data.path, split, cfg.train.seq_len, cfg.train.seed, cfg.data.weights)
+        data = PackedTokenDataset(cfg.data.path, split, cfg.train.seq_len, cfg.train.seed, cfg.data.weights)
+    check_tokenizer(cfg, model_config, data)
     checkpointing.check_topology(cfg.output.dir, topology(cfg, world_size))
     if cfg.train.precision == "bf16" and not torch.cuda.is_available():
         print("warning: train.precision=bf16 on CPU is slow; fp32 is the CPU default", file=sys.stderr)
     return cfg, model_config
+
+
+def check_tokenizer(cfg: RunConfig, model_config: ModelConfig, data) -> None:
+    """Refuse, before any process group starts, data tokenized with a vocabulary the model does not have."""
+    import hashlib
+
+    if data.vocab_size > model_config.vocab_size:
+        raise UserError(
+            f"data.path was tokenized with a vocabulary of {data.vocab_size} tokens, but the model at "
+            f"model.path has vocab_size {model_config.vocab_size}: re-tokenize with the model's own tokenizer"
+        )
+    model_tok = os.path.join(cfg.model.path, "tokenizer.json")
+    data_tok = data.streams[0].manifest.get("tokenizer", {})
+    if not os.path.isfile(model_tok) or not data_tok.get("sha256"):
+        return
+    with open(model_tok, "rb") as fh:
+        raw = fh.read()
+    if hashlib.sha256(raw).hexdigest() == data_tok["sha256"]:
+        return
+    # Different bytes can still be the same vocabulary (a re-saved file): compare token -> id maps.
+    from tokenizers import Tokenizer
+
+    model_vocab = Tokenizer.from_str(raw.decode()).get_vocab(with_added_tokens=True)
+    path = data_tok.get("path")
+    if path and os.path.isfile(path):
+        data_vocab = Tokenizer.from_file(path).get_vocab(with_added_tokens=True)
+        # Every id the data can hold must mean the same token to the model (a larger model vocabulary
+        # that extends the data's is fine).
+        differ = sorted(t for t, i in data_vocab.items() if model_vocab.get(t) != i)
+        if differ:
+            raise UserError(
+                f"data.path was tokenized with {path}, whose vocabulary differs from the model's "
+                f"{model_tok} ({len(differ)} tokens map to other ids, e.g. {differ[:3]}): re-tokenize the "
+                "data with the model's tokenizer"
+            )
+        return
+    print(
+        f"warning: data.path was tokenized with a tokenizer ({path}) that is gone and whose sha256 differs "
+        f"from {model_tok}; cannot check that the vocabularies agree",
+        file=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -463,15 +518,58 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.makedirs(cfg.output.dir, exist_ok=True)
     device = init_distributed(cfg)
+    peer_lost = False
     try:
         Trainer(cfg, model_config, device).train()
     except UserError as exc:
         print(f"train (rank {dist.get_rank()}): error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        if not is_peer_failure(exc):
+            raise
+        peer_lost = True  # destroying a process group with a dead member can block: leave it to exit
+        print(peer_failure_message(cfg, exc), file=sys.stderr, flush=True)
+        return PEER_FAILURE_EXIT
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized() and not peer_lost:
             dist.destroy_process_group()
     return 0
+
+
+PEER_FAILURE_EXIT = 3
+# What gloo/NCCL/c10d errors say when a peer process dies or the network between nodes fails.
+PEER_FAILURE_MARKERS = (
+    "Connection reset",
+    "Connection closed",
+    "Connection refused",
+    "Broken pipe",
+    "Timed out",
+    "timed out",
+    "Timeout",
+    "gloo",
+    "NCCL",
+)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether an exception from the training loop is a failed collective (peer gone, network down)."""
+    return isinstance(exc, dist.DistError) or any(m in str(exc) for m in PEER_FAILURE_MARKERS)
+
+
+def peer_failure_message(cfg: RunConfig, exc: BaseException) -> str:
+    rank = dist.get_rank() if dist.is_initialized() else "?"
+    try:
+        latest = checkpointing.latest_tag(cfg.output.dir) or "none yet"
+    except UserError:
+        latest = "unreadable"
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return (
+        f"train (rank {rank}): error: lost contact with the other ranks: a collective failed ({first}).\n"
+        "  Most likely a peer process died (killed, out of memory, node failure: see the first error in the "
+        "other nodes' logs) or the network between the nodes failed. A silent peer is waited for at most "
+        f"parallel.timeout_s={cfg.parallel.timeout_s} s.\n"
+        f"  Latest complete checkpoint: {latest}. Run the same command again on every node to resume from it."
+    )
 
 
 if __name__ == "__main__":

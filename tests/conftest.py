@@ -49,3 +49,30 @@ def dense_llama(tmp_path_factory):
     """(directory, transformers model) of a tiny random Llama."""
     path = tmp_path_factory.mktemp("dense_llama")
     return path, save_hf_model("llama", path)
+
+
+def prepare_train_workspace(root):
+    """What tests/test_train.py's `workspace` builds: a prepared tiny corpus (`data`, tokenizer `tok`), a tiny
+    dense model (`dense`) and its E8 top-2 upcycled version (`moe`)."""
+    from pipeline.cli import main as upcycle
+
+    corpus = root / "corpus.jsonl"
+    steps = [
+        ["prep", "corpus", "--out", str(corpus), "--max-mb", "1"],
+        ["prep", "tokenizer", "--input", str(corpus), "--vocab-size", "384", "--out", str(root / "tok")],
+        ["prep", "tokenize", "--input", str(corpus), "--tokenizer", str(root / "tok"), "--out",
+         str(root / "data"), "--valid-fraction", "0.05", "--no-progress"],
+        ["init", "--out", str(root / "dense"), "--tokenizer", str(root / "tok"), "--hidden-size", "64",
+         "--intermediate-size", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2"],
+        ["convert", "--dense", str(root / "dense"), "--out", str(root / "moe"), "--experts", "8",
+         "--top-k", "2"],
+    ]  # fmt: skip
+    for argv in steps:
+        assert upcycle(argv) == 0, argv
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_workspace(tmp_path_factory):
+    """A fresh `prepare_train_workspace` per test module (launch it with test_train.launch)."""
+    return prepare_train_workspace(tmp_path_factory.mktemp("train"))

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from pipeline.cli import main as upcycle
+from conftest import prepare_train_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "pipeline" / "train.py")
@@ -34,72 +33,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A prepared tiny corpus, a tiny dense model and its E8 top-2 upcycled version."""
-    root = tmp_path_factory.mktemp("train")
-    corpus = root / "corpus.jsonl"
-    assert upcycle(["prep", "corpus", "--out", str(corpus), "--max-mb", "1"]) == 0
-    assert (
-        upcycle(
-            ["prep", "tokenizer", "--input", str(corpus), "--vocab-size", "384", "--out", str(root / "tok")]
-        )
-        == 0
-    )
-    assert (
-        upcycle(
-            [
-                "prep",
-                "tokenize",
-                "--input",
-                str(corpus),
-                "--tokenizer",
-                str(root / "tok"),
-                "--out",
-                str(root / "data"),
-                "--valid-fraction",
-                "0.05",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    assert (
-        upcycle(
-            [
-                "init",
-                "--out",
-                str(root / "dense"),
-                "--tokenizer",
-                str(root / "tok"),
-                "--hidden-size",
-                "64",
-                "--intermediate-size",
-                "128",
-                "--layers",
-                "2",
-                "--heads",
-                "4",
-                "--kv-heads",
-                "2",
-            ]
-        )
-        == 0
-    )
-    assert (
-        upcycle(
-            [
-                "convert",
-                "--dense",
-                str(root / "dense"),
-                "--out",
-                str(root / "moe"),
-                "--experts",
-                "8",
-                "--top-k",
-                "2",
-            ]
-        )
-        == 0
-    )
-    return root
+    return prepare_train_workspace(tmp_path_factory.mktemp("train"))
 
 
 LAUNCHERS = {

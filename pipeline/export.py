@@ -1,0 +1,430 @@
+"""`upcycle export`: an upcycled directory or a DeepSpeed training checkpoint becomes a stock Hugging Face
+checkpoint that `transformers.AutoModelForCausalLM.from_pretrained` loads without `trust_remote_code`.
+
+The target class is the one that computes our routing exactly:
+
+    routing        MoE in every layer, no q/k/v biases   otherwise (partial MoE layers, Qwen2 q/k/v biases)
+    topk-softmax   MixtralForCausalLM                    Qwen2MoeForCausalLM, norm_topk_prob=true
+    softmax-topk   Qwen2MoeForCausalLM, norm_topk_prob=false (softmax over all N, top-K, no renormalising)
+
+Qwen2MoE gets `shared_expert_intermediate_size: 0` (the shared expert is an empty matrix, its output is 0)
+and `mlp_only_layers` for the layers that stayed dense. Settings no stock class represents exactly (expert
+biases from Llama `mlp_bias`, an `o_proj` bias from Llama `attention_bias`) are refused with the reason.
+
+Training checkpoints: `output.dir`, `output.dir/checkpoints` or one `step_*` directory. ZeRO-1/2 weights are
+read from DeepSpeed's model-state and per-expert files; ZeRO-3 checkpoints (no per-expert files) go through
+DeepSpeed's universal-checkpoint converter first. `config.json` and the tokenizer come from the upcycled
+model directory the run started from (`config.model.path` in run_state.json, or `--model`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.config import ModelConfig, read_hf_config
+from pipeline.errors import UserError
+from pipeline.hf_io import CheckpointReader, ShardWriter, copy_tokenizer_files
+
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a Hugging Face (Mixtral / Qwen2MoE) checkpoint from an upcycled or trained model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="upcycled model directory, or a training output.dir / checkpoints dir / step_* dir",
+    )
+    p.add_argument("--out", required=True, help="output directory for the Hugging Face checkpoint")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="for training checkpoints: the upcycled model directory the run started from (config.json, "
+        "tokenizer); default: config.model.path recorded in run_state.json",
+    )
+    p.add_argument(
+        "--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="auto: the model's dtype"
+    )
+    p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per output safetensors shard")
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="load the export with transformers and compare its fp32 logits with ours on random tokens",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
+    p.set_defaults(func=run_cli)
+
+
+# ---- where the weights come from ---------------------------------------------------------------------
+
+
+class DictReader:
+    """The `CheckpointReader` interface over an in-memory state dict."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state = state
+
+    def names(self) -> list[str]:
+        return list(self.state)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.state
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+
+@dataclass
+class Source:
+    model_dir: Path  # config.json and tokenizer files
+    raw_config: dict
+    config: ModelConfig
+    reader: CheckpointReader | DictReader  # tensors under our (Hugging Face style) names
+    description: str
+
+
+def open_source(path: str | Path, model_dir: str | Path | None = None) -> Source:
+    """An upcycled model directory, or a training checkpoint (output.dir, checkpoints/ or step_*)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"--checkpoint {path}: not found")
+    if (path / "config.json").is_file():
+        raw, config = read_hf_config(path)
+        return Source(path, raw, config, CheckpointReader(path), f"model directory {path}")
+    tag_dir = find_training_checkpoint(path)
+    run_state = json.loads((tag_dir / "run_state.json").read_text())
+    if model_dir is None:
+        model_dir = run_state.get("config", {}).get("model", {}).get("path")
+        if not model_dir:
+            raise UserError(f"{tag_dir}/run_state.json has no config.model.path; pass --model DIR")
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise UserError(
+            f"{model_dir}: no config.json (the model directory the run in {tag_dir} started from); "
+            "pass --model DIR pointing at the upcycled model directory"
+        )
+    raw, config = read_hf_config(model_dir)
+    state = load_training_state(tag_dir, config)
+    return Source(model_dir, raw, config, DictReader(state), f"training checkpoint {tag_dir}")
+
+
+def find_training_checkpoint(path: Path) -> Path:
+    """The step directory meant by `path`: itself, or what `latest` names under it."""
+    if (path / "run_state.json").is_file():
+        return path
+    for root in (path, path / "checkpoints"):
+        if (root / "latest").is_file():
+            tag = (root / "latest").read_text().strip()
+            if not (root / tag / "run_state.json").is_file():
+                raise UserError(f"{root / 'latest'} names {tag!r}, which has no run_state.json")
+            return root / tag
+    # An output.dir whose checkpoints/latest lives one level down is handled above; say what we expected.
+    raise UserError(
+        f"--checkpoint {path}: neither a model directory (config.json) nor a training checkpoint "
+        "(run_state.json, or a 'latest' file in it or in its checkpoints/ folder)"
+    )
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    from pipeline.model import CausalLM
+
+    with torch.device("meta"):
+        return {k: v.shape for k, v in CausalLM(config).state_dict().items()}
+
+
+def load_training_state(tag_dir: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full (un-partitioned) weights of a DeepSpeed AutoEP checkpoint, under our parameter names."""
+    if (tag_dir / "mp_rank_00_model_states.pt").is_file():
+        raw = _read_zero12(tag_dir)
+    elif list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
+        raw = _read_through_universal(tag_dir)
+    else:
+        raise UserError(
+            f"{tag_dir}: no DeepSpeed model-state files (mp_rank_00_model_states.pt or zero_pp_rank_*)"
+        )
+    return _to_our_names(raw, config, tag_dir)
+
+
+def _read_zero12(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """ZeRO-0/1/2: non-expert weights in `module` of mp_rank_00; one file per global expert per MoE layer."""
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    raw = dict(states["module"])
+    pattern = re.compile(r"^(.*\.experts)\.(w[123])\.(\d+)$")
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for f in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        for name, tensor in torch.load(f, map_location="cpu", weights_only=True).items():
+            m = pattern.match(name)
+            if not m:
+                raise UserError(f"{f}: unexpected tensor name {name!r} in a per-expert file")
+            experts.setdefault((m.group(1), m.group(2)), {})[int(m.group(3))] = tensor
+    for (prefix, w), by_index in experts.items():
+        if sorted(by_index) != list(range(len(by_index))):
+            raise UserError(
+                f"{tag_dir}: per-expert files for {prefix}.{w} are incomplete: {sorted(by_index)}"
+            )
+        raw[f"{prefix}.{w}"] = torch.stack([by_index[e] for e in range(len(by_index))])
+    return raw
+
+
+def _read_through_universal(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """ZeRO-3 has no per-expert files and zero_to_fp32 fails on AutoEP: go through DeepSpeed's universal
+    checkpoint converter (its fp32 files hold full expert tensors [N, ...] and flat dense tensors)."""
+    with tempfile.TemporaryDirectory(prefix="universal_", dir=tag_dir.parent) as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(tag_dir),
+            "--output_folder",
+            str(Path(tmp) / "universal"),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+        ]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise UserError(
+                f"{tag_dir}: DeepSpeed's universal-checkpoint conversion failed:\n{result.stderr[-2000:]}"
+            )
+        raw = {}
+        for param_dir in sorted((Path(tmp) / "universal" / "zero").iterdir()):
+            fp32 = param_dir / "fp32.pt"
+            if fp32.is_file():
+                entry = torch.load(fp32, map_location="cpu", weights_only=True)
+                raw[param_dir.name] = entry["param"] if isinstance(entry, dict) else entry
+        return raw
+
+
+def _to_our_names(raw: dict[str, torch.Tensor], config: ModelConfig, where: Path) -> dict[str, torch.Tensor]:
+    """AutoEP names (`mlp.router.gate`, `experts.w1/w2/w3`) back to ours (`mlp.gate`, fused gate_up)."""
+    shapes = _expected_shapes(config)
+    state = {}
+    for name, tensor in raw.items():
+        if name.endswith(".experts.w1"):
+            base = name[: -len(".w1")]
+            w3 = raw.get(base + ".w3")
+            if w3 is None:
+                raise UserError(f"{where}: {base}.w3 (up_proj) is missing")
+            state[base + ".gate_up_proj"] = torch.cat([tensor, w3], dim=1)  # [N, 2I, H]: gate rows, then up
+        elif name.endswith(".experts.w2"):
+            state[name[: -len(".w2")] + ".down_proj"] = tensor  # [N, H, I]
+        elif name.endswith(".experts.w3"):
+            continue
+        else:
+            state[name.replace(".mlp.router.gate.", ".mlp.gate.")] = tensor
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        shapes.pop("lm_head.weight")
+    missing = sorted(set(shapes) - set(state))
+    unexpected = sorted(set(state) - set(shapes))
+    if missing or unexpected:
+        raise UserError(
+            f"{where}: the checkpoint does not match the model config: missing {missing[:4]}, "
+            f"unexpected {unexpected[:4]}"
+        )
+    for name, shape in shapes.items():
+        t = state[name]
+        if t.numel() != shape.numel():
+            raise UserError(
+                f"{where}: {name} has {t.numel()} elements, the model config implies {list(shape)}"
+            )
+        state[name] = t.reshape(shape)  # ZeRO-3 universal entries of dense parameters are flat
+    return state
+
+
+# ---- which stock class ---------------------------------------------------------------------------------
+
+
+def rope_parameters(config: ModelConfig) -> dict:
+    r = config.rope
+    params = {"rope_type": r.type, "rope_theta": r.theta}
+    if r.type in ("linear", "llama3"):
+        params["factor"] = r.factor
+    if r.type == "llama3":
+        params.update(
+            low_freq_factor=r.low_freq_factor,
+            high_freq_factor=r.high_freq_factor,
+            original_max_position_embeddings=r.original_max_position_embeddings,
+        )
+    return params
+
+
+def choose_target(config: ModelConfig) -> str:
+    """'mixtral' or 'qwen2_moe'; UserError saying why when no stock class computes this model exactly."""
+    moe = config.moe
+    if moe is None:
+        raise UserError(
+            "the model has no MoE layers: it is a dense Hugging Face checkpoint already (load it as it is)"
+        )
+    if config.mlp_bias:
+        raise UserError(
+            "the experts have biases (mlp_bias=true): neither MixtralForCausalLM nor Qwen2MoeForCausalLM has "
+            "MLP or expert biases, so no stock transformers class computes this model exactly"
+        )
+    if config.o_bias:
+        raise UserError(
+            "attention_bias=true puts a bias on o_proj: MixtralForCausalLM has no attention biases and "
+            "Qwen2MoeForCausalLM has q/k/v biases only, so no stock transformers class computes this model "
+            "exactly"
+        )
+    all_layers = tuple(moe.layers) == tuple(range(config.num_hidden_layers))
+    if moe.routing == "topk-softmax" and all_layers and not config.qkv_bias:
+        return "mixtral"
+    # softmax-topk needs norm_topk_prob=false (Mixtral always renormalises); partial MoE needs mlp_only_layers
+    # and q/k/v biases need qkv_bias: Qwen2MoE has all three.
+    return "qwen2_moe"
+
+
+def hf_config_dict(raw: dict, config: ModelConfig, dtype: torch.dtype) -> tuple[dict, str]:
+    """The config.json of the export, built by transformers' own config class; returns (dict, class name)."""
+    import transformers
+
+    moe = config.moe
+    target = choose_target(config)
+    common = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads,
+        head_dim=config.head_dim,
+        hidden_act="silu",
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters=rope_parameters(config),
+        tie_word_embeddings=config.tie_word_embeddings,
+        initializer_range=raw.get("initializer_range", 0.02),
+        attention_dropout=0.0,
+        num_experts_per_tok=moe.top_k,
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_id=raw.get("eos_token_id"),
+        pad_token_id=raw.get("pad_token_id"),
+    )
+    if target == "mixtral":
+        cfg = transformers.MixtralConfig(
+            **common,
+            intermediate_size=moe.expert_intermediate_size,
+            num_local_experts=moe.num_experts,
+            sliding_window=None,
+            router_jitter_noise=0.0,
+        )
+        arch = "MixtralForCausalLM"
+    else:
+        cfg = transformers.Qwen2MoeConfig(
+            **common,
+            intermediate_size=config.intermediate_size,  # the dense layers' MLP width
+            moe_intermediate_size=moe.expert_intermediate_size,
+            shared_expert_intermediate_size=0,
+            num_experts=moe.num_experts,
+            norm_topk_prob=moe.routing == "topk-softmax",
+            decoder_sparse_step=1,
+            mlp_only_layers=[i for i in range(config.num_hidden_layers) if i not in moe.layers],
+            qkv_bias=config.qkv_bias,
+            use_sliding_window=False,
+        )
+        arch = "Qwen2MoeForCausalLM"
+    cfg.architectures = [arch]
+    d = cfg.to_dict()
+    d["dtype"] = str(dtype).removeprefix("torch.")
+    d["upcycle_moe"] = moe.to_dict()  # provenance only: transformers ignores it
+    # A key we set that the config class dropped would silently change the model.
+    for key in ("head_dim", "rope_parameters", "num_experts_per_tok", "tie_word_embeddings"):
+        if key not in d:
+            raise RuntimeError(f"transformers {transformers.__version__} {arch} config dropped {key!r}")
+    return d, arch
+
+
+# ---- writing -------------------------------------------------------------------------------------------
+
+
+def export(source: Source, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> tuple[str, list[str]]:
+    """Write config.json, safetensors shards (+ index) and the tokenizer to `out`; return (class, files)."""
+    config = source.config
+    hf_config, arch = hf_config_dict(source.raw_config, config, dtype)
+    shapes = _expected_shapes(config)
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    missing = [n for n in shapes if n not in source.reader]
+    if missing:
+        raise UserError(f"{source.description}: tensors missing: {missing[:4]}")
+    out.mkdir(parents=True, exist_ok=True)
+    writer = ShardWriter(out, max_shard_bytes)
+    H = config.hidden_size
+    for name in shapes:
+        writer.add(name, source.reader.get(name).to(dtype))
+    if arch == "Qwen2MoeForCausalLM":
+        # Shared expert of width 0: its output is an empty sum, exactly 0; the sigmoid gate multiplies that 0.
+        for layer in config.moe.layers:
+            p = f"model.layers.{layer}.mlp."
+            writer.add(p + "shared_expert.gate_proj.weight", torch.zeros(0, H, dtype=dtype))
+            writer.add(p + "shared_expert.up_proj.weight", torch.zeros(0, H, dtype=dtype))
+            writer.add(p + "shared_expert.down_proj.weight", torch.zeros(H, 0, dtype=dtype))
+            writer.add(p + "shared_expert_gate.weight", torch.zeros(1, H, dtype=dtype))
+    files = writer.close()
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    copy_tokenizer_files(source.model_dir, out)
+    return arch, files
+
+
+def our_model(source: Source):
+    """Our `CausalLM` (fp32) holding the source's weights: the reference an export must reproduce."""
+    from pipeline.model import CausalLM, RotaryEmbedding
+
+    config = source.config
+    with torch.device("meta"):
+        model = CausalLM(config)
+    names = list(model.state_dict())
+    if config.tie_word_embeddings:
+        names.remove("lm_head.weight")
+    state = {n: source.reader.get(n).to(torch.float32) for n in names}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary_emb = RotaryEmbedding(config)
+    return model.eval()
+
+
+def compare_logits(source: Source, out: Path, n_tokens: int = 128, seed: int = 0) -> float:
+    """Relative L2 error between our fp32 logits and the exported model's, loaded by stock transformers."""
+    import transformers
+
+    ids = torch.randint(
+        0, source.config.vocab_size, (2, n_tokens // 2), generator=torch.Generator().manual_seed(seed)
+    )
+    ours = our_model(source)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = ours(ids), theirs(ids).logits
+    return float((b - a).norm() / a.norm())
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise UserError(f"--out {out} exists and is not empty; choose another directory or pass --force")
+    source = open_source(args.checkpoint, args.model)
+    choose_target(source.config)  # refuse before writing anything
+    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    auto = half.get(source.config.torch_dtype, torch.float32)
+    dtype = EXPORT_DTYPES[args.dtype] if args.dtype != "auto" else auto
+    arch, files = export(source, out, dtype, int(args.max_shard_size * 2**30))
+    print(f"exported {source.description} as {arch} ({str(dtype).removeprefix('torch.')}) to {out}: {files}")
+    if args.verify:
+        print(f"verify: relative logit error (fp32) against our model: {compare_logits(source, out):.3e}")
+    return 0

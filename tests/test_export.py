@@ -1,0 +1,172 @@
+"""`upcycle export` and `upcycle eval`: stock transformers must reproduce our logits, for both routings, a
+fine-grained setting, partial MoE layers, Qwen2 biases, llama3 rope, tied embeddings and DeepSpeed training
+checkpoints (ZeRO-2 EP=2 and ZeRO-3 EP=1); settings no stock class computes exactly are refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import save_hf_model
+from safetensors.torch import load_file, save_file
+from test_train import launch
+
+from pipeline import load_model
+from pipeline.cli import main
+
+TOLERANCE = 1e-4  # relative L2 error of the logits, fp32
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def perturb(moe_dir, seed=0):
+    """Make the upcycled model look trained: distinct experts, a router with spread logits."""
+    g = torch.Generator().manual_seed(seed)
+    path = moe_dir / "model.safetensors"
+    state = load_file(path)
+    for name, t in state.items():
+        if name.endswith("mlp.gate.weight"):
+            state[name] = torch.randn(t.shape, generator=g) * 0.5
+        elif ".experts." in name:
+            state[name] = t + torch.randn(t.shape, generator=g) * t.std() * 0.5
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def hf_logits(out_dir, ids):
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits, model
+
+
+CASES = {
+    # id: (family, dense overrides, experts, top_k, granularity, routing, extra convert args, class)
+    "topk-softmax": ("llama", {}, 8, 2, 1, "topk-softmax", [], "MixtralForCausalLM"),
+    "softmax-topk": ("llama", {}, 8, 2, 1, "softmax-topk", [], "Qwen2MoeForCausalLM"),
+    "fine-grained-E16G4T4": ("llama", {}, 16, 4, 4, "softmax-topk", [], "Qwen2MoeForCausalLM"),
+    "partial-layers-topk-softmax-G2": (
+        "llama", {}, 8, 2, 2, "topk-softmax", ["--moe-layers", "0,2"], "Qwen2MoeForCausalLM",
+    ),
+    "qwen2-biases": ("qwen2", {}, 8, 2, 1, "topk-softmax", [], "Qwen2MoeForCausalLM"),
+    "llama3-rope-tied": (
+        "llama",
+        {
+            "tie_word_embeddings": True,
+            "rope_parameters": {
+                "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+            },
+        },
+        8, 2, 1, "softmax-topk", ["--moe-layers", "1"], "Qwen2MoeForCausalLM",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_reproduces_logits(tmp_path, case, capsys):
+    family, overrides, n, k, g, routing, extra, expected_class = CASES[case]
+    save_hf_model(family, tmp_path / "dense", **overrides)
+    moe_dir, out = tmp_path / "moe", tmp_path / "hf"
+    args = ["--experts", str(n), "--top-k", str(k), "--granularity", str(g), "--routing", routing, *extra]
+    assert main(["convert", "--dense", str(tmp_path / "dense"), "--out", str(moe_dir), *args]) == 0
+    perturb(moe_dir)
+    # A small shard size forces several shards and an index.
+    shard = ["--max-shard-size", "0.0003"]
+    assert main(["export", "--checkpoint", str(moe_dir), "--out", str(out), *shard]) == 0
+    assert (out / "model.safetensors.index.json").is_file()
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == [expected_class]
+
+    ids = torch.randint(0, 211, (2, 48), generator=torch.Generator().manual_seed(1))
+    ours_model = load_model(moe_dir)
+    with torch.no_grad():
+        ours = ours_model(ids)
+    theirs, hf_model = hf_logits(out, ids)
+    assert type(hf_model).__name__ == expected_class
+    error = rel(theirs, ours)
+    print(f"export round trip {case}: relative logit error {error:.2e}")
+    assert error < TOLERANCE, error
+
+    # Not vacuous: the other routing gives clearly different logits, so the class choice is what matched.
+    for _, block in ours_model.moe_blocks():
+        block.routing = "softmax-topk" if routing == "topk-softmax" else "topk-softmax"
+    with torch.no_grad():
+        assert rel(ours_model(ids), ours) > 1e-3
+    if family == "llama" and expected_class == "Qwen2MoeForCausalLM":
+        assert config["qkv_bias"] is False and config["shared_expert_intermediate_size"] == 0
+    if "rope_parameters" in overrides:
+        assert config["rope_parameters"]["rope_type"] == "llama3" and config["tie_word_embeddings"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"attention_bias": True}, "o_proj"),
+        ({"mlp_bias": True}, "mlp_bias"),
+    ],
+)
+def test_export_refuses_what_no_stock_class_computes(tmp_path, overrides, message, capsys):
+    save_hf_model("llama", tmp_path / "dense", **overrides)
+    assert main(["convert", "--dense", str(tmp_path / "dense"), "--out", str(tmp_path / "moe"),
+                 "--experts", "4", "--top-k", "2"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(tmp_path / "moe"), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "no stock transformers class" in err
+    assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
+    # A dense checkpoint is refused too (it is a Hugging Face checkpoint already).
+    assert main(["export", "--checkpoint", str(tmp_path / "dense"), "--out", str(tmp_path / "hf2")]) == 2
+    assert "no MoE layers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_export_and_eval_of_training_checkpoints(train_workspace):
+    workspace = train_workspace
+    """ZeRO-2 EP=2 (per-expert files) and ZeRO-3 EP=1 (through DeepSpeed's universal checkpoint) exports
+    load in stock transformers, agree with each other, and score the run's own validation loss."""
+    from pipeline.evaluate import evaluate
+    from pipeline.export import compare_logits, open_source
+
+    common = ("--train.steps", "3", "--train.lr", "3e-3", "--output.checkpoint_interval", "0",
+              "--output.eval_interval", "0")  # fmt: skip
+    launch(workspace, "exp_z2", "--parallel.ep_size", "2", "--parallel.zero_stage", "2", *common)
+    launch(workspace, "exp_z3", "--parallel.ep_size", "1", "--parallel.zero_stage", "3", *common,
+           launcher="torchrun")  # fmt: skip
+    ids = torch.randint(0, 384, (2, 40), generator=torch.Generator().manual_seed(2))
+    logits = {}
+    for run in ("exp_z2", "exp_z3"):
+        out = workspace / f"{run}_hf"
+        # output.dir is accepted: the checkpoint `latest` names is exported.
+        assert main(["export", "--checkpoint", str(workspace / run), "--out", str(out)]) == 0
+        assert (out / "tokenizer.json").read_bytes() == (workspace / "moe" / "tokenizer.json").read_bytes()
+        source = open_source(workspace / run)
+        error = compare_logits(source, out)
+        print(f"export round trip {run}: relative logit error {error:.2e}")
+        assert error < TOLERANCE
+        logits[run], _ = hf_logits(out, ids)
+
+        # eval of the export over the trainer's validation windows = the trainer's own final val loss.
+        val_loss = json.loads((workspace / run / "val_loss.jsonl").read_text().splitlines()[-1])["val_loss"]
+        result = evaluate(str(out), [str(workspace / "data")], seq_len=64, batch_size=8, batches=2, seed=1234)
+        assert result["loss"] == pytest.approx(val_loss, rel=1e-5)
+        assert result["tokens"] == 2 * 8 * 64
+        assert sorted(result["layers"]) == ["0", "1"]
+        for stats in result["layers"].values():
+            assert sum(stats["share"]) == pytest.approx(1.0, abs=1e-4) and len(stats["share"]) == 8
+        # The same numbers straight from the DeepSpeed checkpoint (our model) through the CLI.
+        report = str(workspace / f"{run}.json")
+        assert main(["eval", "--model", str(workspace / run), "--data", str(workspace / "data"),
+                     "--batches", "2", "--seed", "1234", "--json", report]) == 0  # fmt: skip
+        direct = json.loads((workspace / f"{run}.json").read_text())
+        assert direct["loss"] == pytest.approx(result["loss"], rel=1e-5)
+        assert direct["layers"]["1"]["share"] == pytest.approx(result["layers"]["1"]["share"], abs=1e-6)
+
+    # Both topologies trained the same math, and training moved the weights away from the upcycled init.
+    assert rel(logits["exp_z3"], logits["exp_z2"]) < 1e-4
+    with torch.no_grad():
+        init = load_model(workspace / "moe")(ids)
+    assert rel(logits["exp_z2"], init) > 1e-3
