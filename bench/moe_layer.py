@@ -1,0 +1,165 @@
+"""Forward+backward cost of one upcycled MoE layer against the dense SwiGLU MLP it came from, same run.
+
+    python bench/moe_layer.py            # CPU: small sizes (H=256, F=1024, 2048 tokens, fp32)
+    python bench/moe_layer.py --gpu      # GPU: H=2048, F=8192, 8192 tokens, bf16 (DESIGN section 6)
+
+Variants per (N, K, G) setting, all on the same tokens:
+  ours            pipeline.moe.MoEBlock (the project's block: fp32 router, sort, grouped GEMM or loop)
+  ds_autoep       DeepSpeed AutoEP's router + GroupedExperts (the path training uses)
+  ds_classic      deepspeed.moe.layer.MoE, capacity factor 1.0 (drops tokens)
+Ideal time = dense time x K/G (same active FLOPs). Routing is "balanced" (the router as initialised,
+random) or "skewed" (half of all tokens prefer expert 0's group).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+os.environ.setdefault("MASTER_PORT", str(29600 + os.getpid() % 1000))
+os.environ.setdefault("RANK", "0")
+os.environ.setdefault("LOCAL_RANK", "0")
+os.environ.setdefault("WORLD_SIZE", "1")
+
+from pipeline.moe import MoEBlock  # noqa: E402
+
+SETTINGS = [(8, 2, 1), (64, 8, 8), (32, 4, 4), (8, 1, 1)]  # (N, K, G)
+
+
+class DenseMLP(nn.Module):
+    def __init__(self, h: int, f: int):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(h, f, bias=False), nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class AutoEPLayer(nn.Module):
+    """DeepSpeed 0.19 AutoEP's compute path used standalone: its router + GroupedExperts (dropless)."""
+
+    def __init__(self, h, i, n, k, use_grouped_mm):
+        super().__init__()
+        from deepspeed.moe.ep_experts import GroupedExperts
+        from deepspeed.moe.ep_router import TokenChoiceTopKRouter
+
+        self.k = k
+        self.router = TokenChoiceTopKRouter(h, n, None, None, k, "softmax", False, 1.0, False)
+        self.experts = GroupedExperts(h, i, n, use_grouped_mm=use_grouped_mm, gate_up_impl="separate")
+        for w in (self.experts.w1, self.experts.w2, self.experts.w3):
+            nn.init.normal_(w, std=0.02)
+
+    def forward(self, x_BTH):
+        x = x_BTH.reshape(-1, x_BTH.shape[-1])
+        top_scores, idx, counts = self.router(x)
+        order = idx.flatten().argsort(stable=True)
+        tok = order // self.k
+        y = self.experts(x[tok], counts) * top_scores.flatten()[order].unsqueeze(-1).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, tok, y).view_as(x_BTH)
+
+
+def ds_classic(h, i, n, k):
+    from deepspeed.moe.layer import MoE
+
+    layer = MoE(hidden_size=h, expert=DenseMLP(h, i), num_experts=n, ep_size=1, k=k, capacity_factor=1.0,
+                eval_capacity_factor=1.0, min_capacity=4, drop_tokens=True)
+    layer.set_deepspeed_parallelism()
+    return layer
+
+
+def upcycled_block(h, f, n, k, g, skewed: bool) -> MoEBlock:
+    """An MoE block initialised as the upcycler does: virtual-group router, shards of one dense MLP."""
+    from pipeline.config import MoEConfig
+    from pipeline.upcycle import upcycle_mlp, virtual_group_router
+
+    moe = MoEConfig(num_experts=n, top_k=k, granularity=g, routing="softmax-topk", layers=(0,),
+                    expert_intermediate_size=f // g, expert_scale=n * g / k, router_init_std=0.02)
+    block = MoEBlock(h, n, k, f // g)
+    dense = DenseMLP(h, f)
+    with torch.no_grad():
+        router = virtual_group_router(moe, h, 0) * 50  # spread logits so routing is not degenerate
+        if skewed:
+            router[:g] += router[:g].abs().mean() * 4  # copy 0 wins for most tokens
+        block.gate.weight.copy_(router)
+        tensors = upcycle_mlp(moe, dense.gate_proj.weight, dense.up_proj.weight, dense.down_proj.weight)
+        block.experts.gate_up_proj.copy_(tensors["gate_up_proj"])
+        block.experts.down_proj.copy_(tensors["down_proj"])
+    return block
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fwd_bwd(module, x, iters, warmup) -> float:
+    grad = torch.randn_like(x)
+    times = []
+    for i in range(warmup + iters):
+        xi = x.detach().requires_grad_(True)
+        sync(x.device)
+        start = time.perf_counter()
+        out = module(xi)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(grad)
+        sync(x.device)
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+        module.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
+def main() -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=fmt)
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.gpu else "cpu")
+    dtype = torch.bfloat16 if args.gpu else torch.float32
+    h, f, tokens = (2048, 8192, 8192) if args.gpu else (256, 1024, 2048)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if args.gpu else "gloo", verbose=False)
+    torch.manual_seed(0)
+    x = torch.randn(1, tokens, h, device=device, dtype=dtype)
+    t_dense = time_fwd_bwd(DenseMLP(h, f).to(device, dtype), x, args.iters, 2)
+    rows = [dict(variant="dense", routing="-", N=1, K=1, G=1, ms=t_dense * 1e3, x_ideal=1.0, x_dense=1.0)]
+    for n, k, g in SETTINGS:
+        ideal = t_dense * k / g
+        variants = [
+            ("ours", "balanced", partial(upcycled_block, h, f, n, k, g, skewed=False)),
+            ("ours", "skewed", partial(upcycled_block, h, f, n, k, g, skewed=True)),
+            ("ds_autoep", "balanced", partial(AutoEPLayer, h, f // g, n, k, use_grouped_mm=args.gpu)),
+            ("ds_classic_cf1", "balanced", partial(ds_classic, h, f // g, n, k)),
+        ]
+        for name, routing, make in variants:
+            try:
+                t = time_fwd_bwd(make().to(device, dtype), x, args.iters, 2)
+                rows.append(dict(variant=name, routing=routing, N=n, K=k, G=g, ms=t * 1e3, x_ideal=t / ideal,
+                                 x_dense=t / t_dense))
+            except Exception as exc:  # keep measuring the others
+                rows.append(dict(variant=name, routing=routing, N=n, K=k, G=g, error=repr(exc)[:120]))
+    print(f"device {device}, dtype {dtype}, H={h}, F={f}, {tokens} tokens, fwd+bwd, median of {args.iters}")
+    print(f"{'variant':16}{'routing':>10}{'N':>4}{'K':>3}{'G':>3}{'ms':>10}{'x ideal':>9}{'x dense':>9}")
+    for r in rows:
+        head = f"{r['variant']:16}{r['routing']:>10}{r['N']:>4}{r['K']:>3}{r['G']:>3}"
+        print(head + (f"  ERROR {r['error']}" if "error" in r else
+                      f"{r['ms']:>10.2f}{r['x_ideal']:>9.2f}{r['x_dense']:>9.2f}"))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Tokens/s and MFU of full training steps (forward, backward, AdamW) in one process, dense vs upcycled.
+
+    python bench/train_step.py           # CPU: a small Llama (H=256, 4 layers), fp32
+    python bench/train_step.py --gpu     # GPU: ~1B active parameters (H=2048, 16 layers), bf16
+
+Every MoE variant is built from the same dense shapes, so the table shows what upcycling costs per
+token at each (N, K, G); K/G = 1 settings have the dense model's active FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.config import ModelConfig, MoEConfig
+from pipeline.metrics import flops_per_token, peak_tflops
+from pipeline.model import CausalLM
+
+SETTINGS = [None, (8, 1, 1), (32, 4, 4), (8, 2, 1), (64, 8, 8)]  # None = dense
+
+
+def base_config(gpu: bool) -> ModelConfig:
+    h, f, layers, heads = (2048, 8192, 16, 16) if gpu else (256, 1024, 4, 4)
+    return ModelConfig.from_hf_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": 32000,
+            "hidden_size": h,
+            "intermediate_size": f,
+            "num_hidden_layers": layers,
+            "num_attention_heads": heads,
+            "num_key_value_heads": heads // 2,
+            "max_position_embeddings": 4096,
+        }
+    )
+
+
+def with_moe(config: ModelConfig, setting) -> ModelConfig:
+    if setting is None:
+        return config
+    n, k, g = setting
+    moe = MoEConfig(
+        num_experts=n,
+        top_k=k,
+        granularity=g,
+        routing="softmax-topk",
+        layers=tuple(range(config.num_hidden_layers)),
+        expert_intermediate_size=config.intermediate_size // g,
+        expert_scale=n * g / k,
+    )
+    return replace(config, moe=moe)
+
+
+def time_steps(config: ModelConfig, device, dtype, batch: int, seq_len: int, iters: int) -> float:
+    torch.manual_seed(0)
+    model = CausalLM(config).to(device, dtype)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
+    times = []
+    for i in range(iters + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        logits = model(ids[:, :-1])
+        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--iters", type=int, default=4)
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.gpu else "cpu")
+    dtype = torch.bfloat16 if args.gpu else torch.float32
+    batch, seq_len = (8, 2048) if args.gpu else (4, 256)
+    base = base_config(args.gpu)
+    peak = peak_tflops(device)
+    print(f"device {device}, {dtype}, batch {batch} x {seq_len} tokens, median of {args.iters} steps")
+    print(
+        f"{'model':14}{'total M':>9}{'active M':>10}{'ms/step':>10}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
+        f"{'x dense':>9}"
+    )
+    dense_time = None
+    for setting in SETTINGS:
+        config = with_moe(base, setting)
+        with torch.device("meta"):
+            total, active = CausalLM(config).num_parameters()
+        seconds = time_steps(config, device, dtype, batch, seq_len, args.iters)
+        dense_time = dense_time or seconds
+        tokens = batch * seq_len
+        tflops = flops_per_token(config, seq_len) * tokens / seconds / 1e12
+        name = "dense" if setting is None else "E{}T{}G{}".format(*setting)
+        mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
+        print(
+            f"{name:14}{total / 1e6:>9.1f}{active / 1e6:>10.1f}{seconds * 1e3:>10.1f}"
+            f"{tokens / seconds:>10,.0f}{tflops:>9.3f}{mfu:>7}{seconds / dense_time:>9.2f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
