@@ -4,8 +4,8 @@ Supported: JSON Lines (`.jsonl`, `.json`, `.ndjson`, also `.gz`), Parquet (`.par
 (`.txt`, `.md`, also `.gz`: one document per file). A directory stands for every supported file under it.
 
 JSON Lines are parsed here line by line rather than through `datasets`' JSON builder because that
-builder rejects a whole file for one bad line and cannot say which line it was; Parquet goes through
-`pyarrow`, the engine `datasets` itself uses.
+builder rejects a whole file for one bad line and cannot say which line it was; Parquet is streamed
+through `datasets`.
 
 Every non-blank line (JSONL), row (Parquet) or file (text) is one *record* with a global index in
 input order; bad records keep their index, so skipping one never shifts the train/valid split of the
@@ -186,30 +186,26 @@ class RecordReader:
                 yield (None, reason, where) if (reason := self._check(text)) else (text, None, where)
 
     def _parquet(self, f: InputFile, skip: int):
-        import pyarrow.parquet as pq
+        # Through `datasets` (streaming, local file: no cache copy, no network); `skip` resumes at a row.
+        from datasets import load_dataset
 
-        pf = pq.ParquetFile(f.path)
-        if self.text_key not in pf.schema_arrow.names:
-            for row in range(pf.metadata.num_rows):
-                yield None, "missing_key", f" row {row} (columns: {', '.join(pf.schema_arrow.names[:8])})"
+        rows = load_dataset("parquet", data_files=f.path, split="train", streaming=True)
+        if self.text_key not in (rows.column_names or []):
+            columns = ", ".join((rows.column_names or [])[:8])
+            for row in range(_parquet_rows(f.path)):
+                yield None, "missing_key", f" row {row} (columns: {columns})"
             return
-        row = 0
-        for batch in pf.iter_batches(batch_size=4096, columns=[self.text_key]):
-            column = batch.column(0)
-            if row + len(column) <= skip:
-                row += len(column)
-                yield from ((None, None, "") for _ in range(len(column)))
-                continue
-            for value in column.to_pylist():
-                where = f" row {row}"
-                row += 1
-                if isinstance(value, bytes):
-                    try:
-                        value = value.decode("utf-8")
-                    except UnicodeDecodeError:
-                        yield None, "invalid_utf8", where
-                        continue
-                yield (None, reason, where) if (reason := self._check(value)) else (value, None, where)
+        skip = min(skip, _parquet_rows(f.path))
+        yield from ((None, None, "") for _ in range(skip))  # every record counts, also the skipped ones
+        for row, record in enumerate(rows.select_columns([self.text_key]).skip(skip), start=skip):
+            value, where = record[self.text_key], f" row {row}"
+            if isinstance(value, bytes):
+                try:
+                    value = value.decode("utf-8")
+                except UnicodeDecodeError:
+                    yield None, "invalid_utf8", where
+                    continue
+            yield (None, reason, where) if (reason := self._check(value)) else (value, None, where)
 
     def _text(self, f: InputFile, skip: int):
         if skip:
@@ -223,6 +219,12 @@ class RecordReader:
             yield None, "invalid_utf8", f" (byte {exc.start})"
             return
         yield (None, reason, "") if (reason := self._check(text)) else (text, None, "")
+
+
+def _parquet_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(path).metadata.num_rows
 
 
 _REASON_TEXT = {

@@ -139,3 +139,25 @@ def test_changed_input_refuses_to_resume(setup, tmp_path):
     with pytest.raises(UserError, match="'inputs' differs.*--overwrite"):
         _prep_in_process(root, tok, "ref", inputs=[str(root / "*.jsonl"), str(tmp_path / "c.jsonl")])
     _prep_in_process(root, tok, "ref")  # the same arguments: complete, nothing to redo
+
+
+def test_reading_from_any_record_equals_the_tail_of_a_full_read(tmp_path):
+    """Resume restarts the reader at a record index; JSONL and Parquet (read through `datasets`) alike."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from data_prep.sources import RecordReader, expand_inputs, fingerprint
+
+    (tmp_path / "a.jsonl").write_text("".join(f'{{"text": "json {i}"}}\n' for i in range(3)))
+    pq.write_table(pa.table({"text": [f"parquet {i}" for i in range(10)]}), tmp_path / "b.parquet")
+    files = expand_inputs([str(tmp_path / "a.jsonl"), str(tmp_path / "b.parquet")])
+    fingerprint(files)
+
+    def read(start):
+        return list(RecordReader(files, "text", 10**6, lambda *_: None).records(start))
+
+    full = read(0)
+    expected = [f"json {i}" for i in range(3)] + [f"parquet {i}" for i in range(10)]
+    assert [text for _, _, text, _ in full] == expected
+    for start in (2, 3, 7, 12, 13):
+        assert read(start) == full[start:], start
