@@ -531,7 +531,7 @@ def export_dense(run_dir: Path, init_dir: Path, out: Path) -> None:
 
     root = run_dir / "checkpoints"
     tag = (root / "latest").read_text().strip()
-    states = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    states = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
     module = {k.removeprefix("module."): v for k, v in states["module"].items()}
     from safetensors import safe_open
 
