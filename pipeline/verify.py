@@ -37,7 +37,7 @@ def streamed_forward(model_dir: str | Path, input_ids_BT: torch.Tensor, on_moe=N
 
     `on_moe(layer_idx, block)` is called after each MoE block ran (its router logits are then set).
     """
-    from pipeline.model import DecoderLayer, RotaryEmbedding
+    from pipeline.model import DecoderLayer, RMSNorm, RotaryEmbedding
 
     _, config = read_hf_config(model_dir)
     reader = CheckpointReader(model_dir)
@@ -53,8 +53,9 @@ def streamed_forward(model_dir: str | Path, input_ids_BT: torch.Tensor, on_moe=N
         if on_moe is not None and isinstance(layer.mlp, MoEBlock):
             on_moe(i, layer.mlp)
         del layer
-    norm_w = reader.get("model.norm.weight").float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps) * norm_w
+    norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+    norm.load_state_dict({"weight": reader.get("model.norm.weight").float()})
+    x = norm(x)
     head_VH = embed_VH if config.tie_word_embeddings else reader.get("lm_head.weight").float()
     return x @ head_VH.T
 

@@ -225,3 +225,16 @@ def test_init_writes_a_model_transformers_loads(tmp_path):
     ids = torch.randint(0, 300, (1, 20))
     with torch.no_grad():
         torch.testing.assert_close(load_model(tmp_path)(ids), hf_model(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_streamed_forward_equals_the_loaded_model(dense_llama, tmp_path):
+    """--verify's one-layer-at-a-time forward must compute what the full model computes."""
+    from pipeline.verify import streamed_forward
+
+    dense_dir, _ = dense_llama
+    assert convert(dense_dir, tmp_path, 16, 4, 2, "softmax-topk") == 0
+    ids = torch.randint(0, 211, (1, 40), generator=torch.Generator().manual_seed(5))
+    for path in (dense_dir, tmp_path):
+        with torch.no_grad():
+            expected = load_model(path)(ids)
+        torch.testing.assert_close(streamed_forward(path, ids), expected, atol=1e-5, rtol=1e-5)
