@@ -518,21 +518,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.makedirs(cfg.output.dir, exist_ok=True)
     device = init_distributed(cfg)
-    peer_lost = False
     try:
         Trainer(cfg, model_config, device).train()
     except UserError as exc:
         print(f"train (rank {dist.get_rank()}): error: {exc}", file=sys.stderr)
+        dist.destroy_process_group()
         return 2
     except RuntimeError as exc:
         if not is_peer_failure(exc):
             raise
-        peer_lost = True  # destroying a process group with a dead member can block: leave it to exit
         print(peer_failure_message(cfg, exc), file=sys.stderr, flush=True)
-        return PEER_FAILURE_EXIT
-    finally:
-        if dist.is_initialized() and not peer_lost:
-            dist.destroy_process_group()
+        sys.stdout.flush()
+        # Leave at once: destroying a process group with a dead member can block, and a normal
+        # interpreter exit runs the gloo group's destructor while its threads are still waiting on the
+        # dead peer, which aborts the process (SIGABRT) after the message.
+        os._exit(PEER_FAILURE_EXIT)
+    dist.destroy_process_group()
     return 0
 
 
