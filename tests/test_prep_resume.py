@@ -42,32 +42,22 @@ def _prep_in_process(root, tok, out, inputs=None):
     return run_tokenize(cfg)
 
 
+def _prep_cmd(root, tok, out, workers: int) -> list[str]:
+    """`prep tokenize` of the setup corpus into `out`, as its own process."""
+    return [
+        sys.executable, "-m", "data_prep.cli", "prep", "tokenize", "--input", str(root / "*.jsonl"),
+        "--tokenizer", tok, "--out", str(out), "--workers", str(workers), "--shard-tokens", "2500",
+        "--valid-fraction", "0.1", "--no-progress",
+    ]  # fmt: skip
+
+
 def _prep(root, tok, out, kill=None, workers=2):
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop(KILL_ENV, None)
     if kill:
         env[KILL_ENV] = kill
-    cmd = [
-        sys.executable,
-        "-m",
-        "data_prep.cli",
-        "prep",
-        "tokenize",
-        "--input",
-        str(root / "*.jsonl"),
-        "--tokenizer",
-        tok,
-        "--out",
-        str(root / out),
-        "--workers",
-        str(workers),
-        "--shard-tokens",
-        "2500",
-        "--valid-fraction",
-        "0.1",
-        "--no-progress",
-    ]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(_prep_cmd(root, tok, root / out, workers), env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 def _outputs(out) -> dict:
@@ -103,26 +93,7 @@ def test_external_kill_at_a_random_moment(setup):
     root, tok = setup
     out = root / "ext"
     env = dict(os.environ, PYTHONPATH=ROOT)
-    cmd = [
-        sys.executable,
-        "-m",
-        "data_prep.cli",
-        "prep",
-        "tokenize",
-        "--input",
-        str(root / "*.jsonl"),
-        "--tokenizer",
-        tok,
-        "--out",
-        str(out),
-        "--workers",
-        "1",
-        "--shard-tokens",
-        "2500",
-        "--valid-fraction",
-        "0.1",
-        "--no-progress",
-    ]
+    cmd = _prep_cmd(root, tok, out, workers=1)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and not (out / "train_00003.bin").exists():
