@@ -52,6 +52,7 @@ class TrainSection:
 class MoESection:
     aux_loss_coef: float = 1e-2  # Switch load-balancing loss; 0 lets experts die
     z_loss_coef: float = 0.0  # router z-loss
+    fast_path: bool = True  # pipeline/fast_ep.py forward for AutoEP layers; false keeps DeepSpeed's stock one
 
 
 @dataclass

@@ -165,6 +165,8 @@ class Trainer:
             attached = self.capture.attach(self.engine.module)
             if attached != len(moe.layers):
                 raise RuntimeError(f"AutoEP replaced {attached} MoE layers, the model has {len(moe.layers)}")
+            if cfg.moe.fast_path:
+                self.install_fast_path()
         self.grad_accum = t.global_batch // (t.micro_batch * self.world)
         self.train_data = PackedTokenDataset(cfg.data.path, "train", t.seq_len, t.seed, cfg.data.weights)
         self.valid_data = PackedTokenDataset(cfg.data.path, "valid", t.seq_len, t.seed, cfg.data.weights)
@@ -175,6 +177,14 @@ class Trainer:
         self.load_history: list[tuple[int, list[list[float]]]] = []
         self.flops_per_token = metrics.flops_per_token(model_config, t.seq_len)
         self.peak_tflops = metrics.peak_tflops(device)
+
+    def install_fast_path(self) -> None:
+        from pipeline.fast_ep import install_fast_path
+
+        switched, skipped = install_fast_path(self.engine.module)
+        self.log(f"MoE fast path on {switched} of {switched + len(skipped)} AutoEP layers (moe.fast_path)")
+        for line in skipped:
+            self.log(f"  stock DeepSpeed forward kept for {line}")
 
     # ---- state ---------------------------------------------------------------------------------
     def run_state(self) -> dict:

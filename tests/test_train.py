@@ -106,9 +106,10 @@ def losses(workspace: Path, out: str) -> dict[int, float]:
 
 
 def test_expert_parallel_is_the_same_math(workspace):
-    """EP=2 (experts split across the ranks, all-to-all) and EP=1 give the same losses; so does ZeRO-3.
+    """EP=2 (experts split across the ranks, all-to-all) and EP=1 give the same losses; so does ZeRO-3,
+    and so does DeepSpeed's stock AutoEP forward in place of the fast path (`--moe.fast_path false`).
 
-    The three runs also go through the three launchers: deepspeed, torchrun and mpirun.
+    The runs also go through the three launchers: deepspeed, torchrun and mpirun.
     """
     common = ("--train.steps", "3", "--output.checkpoint_interval", "0", "--output.eval_interval", "0")
     launch(workspace, "ep2", "--parallel.ep_size", "2", *common)
@@ -117,11 +118,15 @@ def test_expert_parallel_is_the_same_math(workspace):
     launch(
         workspace, "ep2_zero3", *zero3, *common, launcher="mpirun"
     )
-    ep2, ep1, zero3 = (losses(workspace, name) for name in ("ep2", "ep1", "ep2_zero3"))
+    launch(workspace, "ep2_stock", "--parallel.ep_size", "2", "--moe.fast_path", "false", *common)
+    ep2, ep1, zero3, stock = (losses(workspace, name) for name in ("ep2", "ep1", "ep2_zero3", "ep2_stock"))
     assert sorted(ep2) == [1, 2, 3]
     for step in ep2:
         assert ep1[step] == pytest.approx(ep2[step], abs=2e-5)
         assert zero3[step] == pytest.approx(ep2[step], abs=2e-5)
+        assert stock[step] == pytest.approx(ep2[step], abs=2e-5)
+    assert "MoE fast path on 2 of 2 AutoEP layers" in (workspace / "ep2.log").read_text()
+    assert "MoE fast path" not in (workspace / "ep2_stock.log").read_text()
 
 
 def test_training_learns_logs_and_resumes_exactly(workspace):

@@ -1,0 +1,97 @@
+"""Run by tests/test_fast_ep.py under torchrun: DeepSpeed AutoEP layers, stock forward against the fast one.
+
+Every rank builds the same MoE block, lets `deepspeed.initialize` replace it with an AutoEP layer at the
+given EP size, then runs forward and backward on its own tokens twice: with DeepSpeed's stock forward,
+then after `install_fast_path`. It writes the largest differences (output, input gradient, every
+parameter gradient) to OUT/rank{r}.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import deepspeed
+import torch
+import torch.nn as nn
+
+from pipeline.fast_ep import FastAutoEPMoELayer, install_fast_path
+from pipeline.moe import MoEBlock
+
+H, I, T = 32, 48, 40
+CASES = [  # name, N, K, routing, ep_size, extra AutoEP keys
+    ("E8K2_ep1", 8, 2, "softmax-topk", 1, {}),
+    ("E8K2_ep2", 8, 2, "softmax-topk", 2, {}),
+    ("E64K8_ep2", 64, 8, "softmax-topk", 2, {}),
+    ("E16K4_topk_softmax_ep2", 16, 4, "topk-softmax", 2, {}),
+    ("E8K2_all_to_rank0_ep2", 8, 2, "softmax-topk", 2, {}),  # rank 1's experts get no tokens
+    ("legacy_bmm_is_left_alone", 8, 2, "softmax-topk", 2, {"combine_impl": "legacy_bmm"}),
+]
+
+
+class Decoder(nn.Module):
+    def __init__(self, block: MoEBlock):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Module()])
+        self.layers[0].mlp = block
+
+
+def autoep_layer(name, n, k, routing, ep_size, extra):
+    torch.manual_seed(0)  # the same weights on every rank
+    block = MoEBlock(H, n, k, I, routing=routing)
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.2)
+    if name.startswith("E8K2_all_to_rank0"):
+        with torch.no_grad():
+            block.gate.weight[:k] += 10.0  # with inputs > 0, experts 0..K-1 win every token
+    ep = {"enabled": True, "autoep_size": ep_size, "moe_layer_pattern": r"layers\.\d+\.mlp",
+          "router_pattern": "gate", "expert_pattern": "experts", "expert_w1": "gate_up_proj",
+          "expert_w2": "down_proj", "expert_w3": None, "top_k": k, "score_func": "softmax",
+          "route_norm": routing == "topk-softmax", "routed_scaling_factor": 1.0, "use_grouped_mm": False,
+          **extra}
+    config = {"train_batch_size": 2, "expert_parallel": ep}
+    engine, *_ = deepspeed.initialize(model=Decoder(block), config=config)
+    return engine.module.layers[0].mlp
+
+
+def forward_backward(layer, x, grad):
+    x = x.clone().requires_grad_(True)
+    layer.zero_grad(set_to_none=True)
+    out = layer(x)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(grad)
+    return out.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
+
+
+def main(out_dir: str) -> None:
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    rank = int(os.environ["RANK"])
+    results = {}
+    for name, n, k, routing, ep_size, extra in CASES:
+        layer = autoep_layer(name, n, k, routing, ep_size, extra)
+        torch.manual_seed(100 + rank)  # different tokens on each rank
+        x = torch.randn(2, T // 2, H)
+        if name.startswith("E8K2_all_to_rank0"):
+            x = x.abs() + 0.1
+        grad = torch.randn(2, T // 2, H)
+        stock = forward_backward(layer, x, grad)
+        switched, skipped = install_fast_path(layer)
+        fast = forward_backward(layer, x, grad)
+        results[name] = {
+            "switched": switched,
+            "skipped": skipped,
+            "fast_class": type(layer) is FastAutoEPMoELayer,
+            "out": (fast[0] - stock[0]).abs().max().item(),
+            "out_scale": stock[0].abs().max().item(),
+            "x_grad": (fast[1] - stock[1]).abs().max().item(),
+            "param_grads": {p: (fast[2][p] - stock[2][p]).abs().max().item() for p in stock[2]},
+            "tokens_per_expert": layer.tokens_per_expert.tolist(),  # this rank's slots, both passes
+            "local_experts": layer.num_local_experts,
+        }
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
+        json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
