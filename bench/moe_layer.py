@@ -5,7 +5,8 @@
 
 Variants per (N, K, G) setting, all on the same tokens:
   ours            pipeline.moe.MoEBlock (the project's block: fp32 router, sort, grouped GEMM or loop)
-  ds_autoep       DeepSpeed AutoEP's router + GroupedExperts (the path training uses)
+  ds_autoep       the AutoEPMoELayer that deepspeed.initialize puts in its place, stock forward
+  ds_autoep_fast  the same layer after pipeline.fast_ep.install_fast_path (what training runs)
   ds_classic      deepspeed.moe.layer.MoE, capacity factor 1.0 (drops tokens)
 Ideal time = dense time x K/G (same active FLOPs). Routing is "balanced" (the router as initialised,
 random) or "skewed" (half of all tokens prefer expert 0's group).
@@ -32,6 +33,7 @@ os.environ.setdefault("WORLD_SIZE", "1")
 from pipeline.moe import MoEBlock  # noqa: E402
 
 SETTINGS = [(8, 2, 1), (64, 8, 8), (32, 4, 4), (8, 1, 1)]  # (N, K, G)
+ROUTINGS = ("balanced", "skewed")
 
 
 class DenseMLP(nn.Module):
@@ -44,27 +46,30 @@ class DenseMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class AutoEPLayer(nn.Module):
-    """DeepSpeed 0.19 AutoEP's compute path used standalone: its router + GroupedExperts (dropless)."""
+class OneLayerModel(nn.Module):
+    """Just enough of a decoder for AutoEP to find the block at `model.layers.0.mlp`."""
 
-    def __init__(self, h, i, n, k, use_grouped_mm):
+    def __init__(self, block: MoEBlock):
         super().__init__()
-        from deepspeed.moe.ep_experts import GroupedExperts
-        from deepspeed.moe.ep_router import TokenChoiceTopKRouter
+        self.model = nn.Module()
+        self.model.layers = nn.ModuleList([nn.Module()])
+        self.model.layers[0].mlp = block
 
-        self.k = k
-        self.router = TokenChoiceTopKRouter(h, n, None, None, k, "softmax", False, 1.0, False)
-        self.experts = GroupedExperts(h, i, n, use_grouped_mm=use_grouped_mm, gate_up_impl="separate")
-        for w in (self.experts.w1, self.experts.w2, self.experts.w3):
-            nn.init.normal_(w, std=0.02)
 
-    def forward(self, x_BTH):
-        x = x_BTH.reshape(-1, x_BTH.shape[-1])
-        top_scores, idx, counts = self.router(x)
-        order = idx.flatten().argsort(stable=True)
-        tok = order // self.k
-        y = self.experts(x[tok], counts) * top_scores.flatten()[order].unsqueeze(-1).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, tok, y).view_as(x_BTH)
+def autoep_layer(block: MoEBlock, fast: bool, device, dtype) -> nn.Module:
+    """Let `deepspeed.initialize` replace the block by its AutoEP layer, as training does (EP 1)."""
+    import deepspeed
+
+    from pipeline.fast_ep import install_fast_path
+    from pipeline.train import autoep_section
+
+    section = autoep_section(block.moe_config, ep_size=1, cuda=device.type == "cuda")
+    engine, *_ = deepspeed.initialize(model=OneLayerModel(block),
+                                      config={"train_batch_size": 1, "expert_parallel": section})
+    layer = engine.module.model.layers[0].mlp.to(device, dtype)
+    if fast:
+        assert install_fast_path(layer)[0] == 1
+    return layer
 
 
 def ds_classic(h, i, n, k):
@@ -93,6 +98,7 @@ def upcycled_block(h, f, n, k, g, skewed: bool) -> MoEBlock:
         tensors = upcycle_mlp(moe, dense.gate_proj.weight, dense.up_proj.weight, dense.down_proj.weight)
         block.experts.gate_up_proj.copy_(tensors["gate_up_proj"])
         block.experts.down_proj.copy_(tensors["down_proj"])
+    block.moe_config = moe
     return block
 
 
@@ -137,12 +143,15 @@ def main() -> None:
     rows = [dict(variant="dense", routing="-", N=1, K=1, G=1, ms=t_dense * 1e3, x_ideal=1.0, x_dense=1.0)]
     for n, k, g in SETTINGS:
         ideal = t_dense * k / g
-        variants = [
-            ("ours", "balanced", partial(upcycled_block, h, f, n, k, g, skewed=False)),
-            ("ours", "skewed", partial(upcycled_block, h, f, n, k, g, skewed=True)),
-            ("ds_autoep", "balanced", partial(AutoEPLayer, h, f // g, n, k, use_grouped_mm=args.gpu)),
-            ("ds_classic_cf1", "balanced", partial(ds_classic, h, f // g, n, k)),
-        ]
+        variants = []
+        for routing in ROUTINGS:
+            block = partial(upcycled_block, h, f, n, k, g, skewed=routing == "skewed")
+            variants += [
+                ("ours", routing, block),
+                ("ds_autoep", routing, lambda b=block: autoep_layer(b(), False, device, dtype)),
+                ("ds_autoep_fast", routing, lambda b=block: autoep_layer(b(), True, device, dtype)),
+            ]
+        variants.append(("ds_classic_cf1", "balanced", partial(ds_classic, h, f // g, n, k)))
         for name, routing, make in variants:
             try:
                 t = time_fwd_bwd(make().to(device, dtype), x, args.iters, 2)

@@ -4,12 +4,18 @@
     python bench/train_step.py --gpu     # GPU: ~1B active parameters (H=2048, 16 layers), bf16
 
 Every MoE variant is built from the same dense shapes, so the table shows what upcycling costs per
-token at each (N, K, G); K/G = 1 settings have the dense model's active FLOPs.
+token at each (N, K, G); K/G = 1 settings have the dense model's active FLOPs. Each model runs as:
+  plain           the model and torch AdamW, no DeepSpeed
+  deepspeed       the DeepSpeed engine that `upcycle train` builds (its ds config, ZeRO-2), with AutoEP's
+                  stock MoE forward
+  deepspeed+fast  the same engine after pipeline.fast_ep.install_fast_path (what training runs)
+x dense compares with the dense model run the same way.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from dataclasses import replace
@@ -21,7 +27,12 @@ from pipeline.config import ModelConfig, MoEConfig
 from pipeline.metrics import flops_per_token, peak_tflops
 from pipeline.model import CausalLM
 
+for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29700 + os.getpid() % 1000)),
+                   ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+    os.environ.setdefault(key, value)
+
 SETTINGS = [None, (8, 1, 1), (32, 4, 4), (8, 2, 1), (64, 8, 8)]  # None = dense
+RUNNERS = ("plain", "deepspeed", "deepspeed+fast")
 
 
 def base_config(gpu: bool) -> ModelConfig:
@@ -56,22 +67,58 @@ def with_moe(config: ModelConfig, setting) -> ModelConfig:
     return replace(config, moe=moe)
 
 
-def time_steps(config: ModelConfig, device, dtype, batch: int, seq_len: int, iters: int) -> float:
+def plain_step(model, device):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+
+    def step(ids):
+        logits = model(ids[:, :-1])
+        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def deepspeed_step(model, config: ModelConfig, batch: int, gpu: bool, fast: bool):
+    """The engine `upcycle train` builds: its DeepSpeed config (ZeRO-2, AdamW, AutoEP at EP 1)."""
+    import deepspeed
+
+    from pipeline.fast_ep import install_fast_path
+    from pipeline.run_config import RunConfig
+    from pipeline.train import build_ds_config
+
+    cfg = RunConfig()
+    cfg.train.global_batch = cfg.train.micro_batch = batch
+    cfg.train.precision = "bf16" if gpu else "fp32"
+    ds_config = build_ds_config(cfg, config, world_size=1, cuda=gpu)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+    if fast and config.moe is not None:
+        assert install_fast_path(engine.module)[0] == len(config.moe.layers)
+
+    def step(ids):
+        logits = engine(ids[:, :-1])
+        engine.backward(F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()))
+        engine.step()
+
+    return step
+
+
+def time_steps(config: ModelConfig, runner: str, device, dtype, batch: int, seq_len: int, iters: int):
     torch.manual_seed(0)
-    model = CausalLM(config).to(device, dtype)
+    model = CausalLM(config).to(device)  # fp32: the DeepSpeed engine casts to bf16 itself
     for p in model.parameters():
         torch.nn.init.normal_(p, std=0.02)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    if runner == "plain":
+        step = plain_step(model.to(dtype), device)
+    else:
+        step = deepspeed_step(model, config, batch, device.type == "cuda", fast=runner == "deepspeed+fast")
     ids = torch.randint(0, config.vocab_size, (batch, seq_len + 1), device=device)
     times = []
     for i in range(iters + 2):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        logits = model(ids[:, :-1])
-        F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        step(ids)
         if device.type == "cuda":
             torch.cuda.synchronize()
         if i >= 2:
@@ -92,25 +139,28 @@ def main() -> None:
     base = base_config(args.gpu)
     peak = peak_tflops(device)
     print(f"device {device}, {dtype}, batch {batch} x {seq_len} tokens, median of {args.iters} steps")
-    print(
-        f"{'model':14}{'total M':>9}{'active M':>10}{'ms/step':>10}{'tok/s':>10}{'TFLOP/s':>9}{'MFU':>7}"
-        f"{'x dense':>9}"
-    )
-    dense_time = None
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if args.gpu else "gloo", verbose=False)
+    print(f"{'model':10}{'runner':>16}{'total M':>9}{'active M':>10}{'ms/step':>10}{'tok/s':>10}"
+          f"{'TFLOP/s':>9}{'MFU':>7}{'x dense':>9}")
+    dense_time = {}
     for setting in SETTINGS:
         config = with_moe(base, setting)
         with torch.device("meta"):
             total, active = CausalLM(config).num_parameters()
-        seconds = time_steps(config, device, dtype, batch, seq_len, args.iters)
-        dense_time = dense_time or seconds
-        tokens = batch * seq_len
-        tflops = flops_per_token(config, seq_len) * tokens / seconds / 1e12
         name = "dense" if setting is None else "E{}T{}G{}".format(*setting)
-        mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
-        print(
-            f"{name:14}{total / 1e6:>9.1f}{active / 1e6:>10.1f}{seconds * 1e3:>10.1f}"
-            f"{tokens / seconds:>10,.0f}{tflops:>9.3f}{mfu:>7}{seconds / dense_time:>9.2f}"
-        )
+        for runner in RUNNERS:
+            if setting is None and runner == "deepspeed+fast":
+                continue  # no MoE layers: the same as "deepspeed"
+            seconds = time_steps(config, runner, device, dtype, batch, seq_len, args.iters)
+            dense_time.setdefault(runner.split("+")[0], seconds)
+            tokens = batch * seq_len
+            tflops = flops_per_token(config, seq_len) * tokens / seconds / 1e12
+            mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
+            print(f"{name:10}{runner:>16}{total / 1e6:>9.1f}{active / 1e6:>10.1f}{seconds * 1e3:>10.1f}"
+                  f"{tokens / seconds:>10,.0f}{tflops:>9.3f}{mfu:>7}"
+                  f"{seconds / dense_time[runner.split('+')[0]]:>9.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ save and exit.
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import datetime
 import json
 import math
@@ -21,13 +23,14 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline import checkpointing, metrics
-from pipeline.config import ModelConfig, read_hf_config
+from pipeline.config import ModelConfig, MoEConfig, read_hf_config
 from pipeline.errors import UserError
 from pipeline.moe import load_balancing_loss, route, router_z_loss
 from pipeline.run_config import (
@@ -39,6 +42,7 @@ from pipeline.run_config import (
 )
 
 DS_CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
+MOE_LAYER_PATTERN = r"model\.layers\.\d+\.mlp"
 ROUTER_SUFFIX = "mlp.router.gate"  # AutoEP moves our `mlp.gate` Linear to `mlp.router.gate`
 
 
@@ -78,25 +82,29 @@ def build_ds_config(cfg: RunConfig, model_config: ModelConfig, world_size: int, 
             },
         }
     )
-    moe = model_config.moe
-    if moe is not None:
-        ds["expert_parallel"] = {
-            "enabled": True,
-            "autoep_size": p.ep_size,
-            "moe_layer_pattern": r"model\.layers\.\d+\.mlp",
-            "router_pattern": "gate",
-            "expert_pattern": "experts",
-            "expert_w1": "gate_up_proj",
-            "expert_w2": "down_proj",
-            "expert_w3": None,
-            "top_k": moe.top_k,
-            "score_func": "softmax",
-            # softmax over the K selected logits == softmax over all, then top-K, then renormalise.
-            "route_norm": moe.routing == "topk-softmax",
-            "routed_scaling_factor": 1.0,  # the scale lives in the expert weights
-            "use_grouped_mm": cuda,
-        }
+    if model_config.moe is not None:
+        ds["expert_parallel"] = autoep_section(model_config.moe, p.ep_size, cuda)
     return ds
+
+
+def autoep_section(moe: MoEConfig, ep_size: int, cuda: bool, layer_pattern: str = MOE_LAYER_PATTERN) -> dict:
+    """DeepSpeed's `expert_parallel` (AutoEP) config for our MoE blocks (see DESIGN section 3)."""
+    return {
+        "enabled": True,
+        "autoep_size": ep_size,
+        "moe_layer_pattern": layer_pattern,
+        "router_pattern": "gate",
+        "expert_pattern": "experts",
+        "expert_w1": "gate_up_proj",
+        "expert_w2": "down_proj",
+        "expert_w3": None,
+        "top_k": moe.top_k,
+        "score_func": "softmax",
+        # softmax over the K selected logits == softmax over all, then top-K, then renormalise.
+        "route_norm": moe.routing == "topk-softmax",
+        "routed_scaling_factor": 1.0,  # the scale lives in the expert weights
+        "use_grouped_mm": cuda,
+    }
 
 
 def lr_multiplier(step: int, cfg: RunConfig) -> float:
@@ -445,11 +453,28 @@ def init_distributed(cfg: RunConfig) -> torch.device:
     c10d.default_pg_timeout = timeout
     if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
         c10d.default_pg_nccl_timeout = timeout
+    atexit.register(remove_shm_buffer, shm_buffer_path())
     if cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def shm_buffer_path() -> Path:
+    """The shared-memory segment DeepSpeed's CPU all-reduce op makes for this rank (csrc/cpu/comm/shm.cpp).
+
+    DeepSpeed never unlinks it: each CPU run on one host would leave ~67 MB per rank in /dev/shm (RAM),
+    and a later run on the same port could map a stale segment.
+    """
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}")
+
+
+def remove_shm_buffer(path: Path) -> None:
+    """Unlink this rank's segment at exit; other ranks keep their mappings until they exit too."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
 
 
 def prepare(argv: list[str], world_size: int | None = None) -> tuple[RunConfig, ModelConfig]:
@@ -541,7 +566,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         # Leave at once: destroying a process group with a dead member can block, and a normal
         # interpreter exit runs the gloo group's destructor while its threads are still waiting on the
-        # dead peer, which aborts the process (SIGABRT) after the message.
+        # dead peer, which aborts the process (SIGABRT) after the message. os._exit skips atexit.
+        remove_shm_buffer(shm_buffer_path())
         os._exit(PEER_FAILURE_EXIT)
     dist.destroy_process_group()
     return 0

@@ -16,8 +16,10 @@ import deepspeed
 import torch
 import torch.nn as nn
 
+from pipeline.config import MoEConfig
 from pipeline.fast_ep import FastAutoEPMoELayer, install_fast_path
 from pipeline.moe import MoEBlock
+from pipeline.train import autoep_section
 
 H, I, T = 32, 48, 40
 CASES = [  # name, N, K, routing, ep_size, extra AutoEP keys
@@ -45,11 +47,9 @@ def autoep_layer(name, n, k, routing, ep_size, extra):
     if name.startswith("E8K2_all_to_rank0"):
         with torch.no_grad():
             block.gate.weight[:k] += 10.0  # with inputs > 0, experts 0..K-1 win every token
-    ep = {"enabled": True, "autoep_size": ep_size, "moe_layer_pattern": r"layers\.\d+\.mlp",
-          "router_pattern": "gate", "expert_pattern": "experts", "expert_w1": "gate_up_proj",
-          "expert_w2": "down_proj", "expert_w3": None, "top_k": k, "score_func": "softmax",
-          "route_norm": routing == "topk-softmax", "routed_scaling_factor": 1.0, "use_grouped_mm": False,
-          **extra}
+    moe = MoEConfig(num_experts=n, top_k=k, granularity=1, routing=routing, layers=(0,),
+                    expert_intermediate_size=I, expert_scale=1.0)
+    ep = {**autoep_section(moe, ep_size, cuda=False, layer_pattern=r"layers\.\d+\.mlp"), **extra}
     config = {"train_batch_size": 2, "expert_parallel": ep}
     engine, *_ = deepspeed.initialize(model=Decoder(block), config=config)
     return engine.module.layers[0].mlp
