@@ -153,7 +153,12 @@ def main() -> None:
         for runner in RUNNERS:
             if setting is None and runner == "deepspeed+fast":
                 continue  # no MoE layers: the same as "deepspeed"
-            seconds = time_steps(config, runner, device, dtype, batch, seq_len, args.iters)
+            try:
+                seconds = time_steps(config, runner, device, dtype, batch, seq_len, args.iters)
+            except torch.OutOfMemoryError:  # the E8/E64 1B-active models have 6.9B parameters in all
+                print(f"{name:10}{runner:>16}{total / 1e6:>9.1f}{active / 1e6:>10.1f}  out of memory")
+                torch.cuda.empty_cache()
+                continue
             dense_time.setdefault(runner.split("+")[0], seconds)
             tokens = batch * seq_len
             tflops = flops_per_token(config, seq_len) * tokens / seconds / 1e12

@@ -137,7 +137,9 @@ class MoEBlock(nn.Module):
         experts_S = experts_TK.flatten()
         order_S = experts_S.argsort(stable=True)
         token_of_slot_S = order_S // self.top_k
-        tokens_per_expert_N = torch.bincount(experts_S, minlength=self.num_experts)
+        # scatter_add into a known size: bincount would sync with the host on GPU to size its output
+        ones_S = torch.ones_like(experts_S)
+        tokens_per_expert_N = experts_S.new_zeros(self.num_experts).scatter_add_(0, experts_S, ones_S)
         y_SH = self.experts(x_TH[token_of_slot_S], tokens_per_expert_N)
         y_SH = y_SH * weights_TK.flatten()[order_S].unsqueeze(-1).to(y_SH.dtype)
         out_TH = torch.zeros_like(x_TH).index_add_(0, token_of_slot_S, y_SH)

@@ -4,6 +4,9 @@ Every rank builds the same MoE block, lets `deepspeed.initialize` replace it wit
 given EP size, then runs forward and backward on its own tokens twice: with DeepSpeed's stock forward,
 then after `install_fast_path`. It writes the largest differences (output, input gradient, every
 parameter gradient) to OUT/rank{r}.json.
+
+    fast_ep_worker.py OUT            CPU, fp32, gloo, the per-expert loop (2 ranks)
+    fast_ep_worker.py OUT cuda       GPU, bf16, nccl, torch._grouped_mm (stock pads groups, fast does not)
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ class Decoder(nn.Module):
         self.layers[0].mlp = block
 
 
-def autoep_layer(name, n, k, routing, ep_size, extra):
+def autoep_layer(name, n, k, routing, ep_size, extra, cuda: bool):
     torch.manual_seed(0)  # the same weights on every rank
     block = MoEBlock(H, n, k, I, routing=routing)
     for p in block.parameters():
@@ -49,10 +52,11 @@ def autoep_layer(name, n, k, routing, ep_size, extra):
             block.gate.weight[:k] += 10.0  # with inputs > 0, experts 0..K-1 win every token
     moe = MoEConfig(num_experts=n, top_k=k, granularity=1, routing=routing, layers=(0,),
                     expert_intermediate_size=I, expert_scale=1.0)
-    ep = {**autoep_section(moe, ep_size, cuda=False, layer_pattern=r"layers\.\d+\.mlp"), **extra}
+    ep = {**autoep_section(moe, ep_size, cuda=cuda, layer_pattern=r"layers\.\d+\.mlp"), **extra}
     config = {"train_batch_size": 2, "expert_parallel": ep}
     engine, *_ = deepspeed.initialize(model=Decoder(block), config=config)
-    return engine.module.layers[0].mlp
+    layer = engine.module.layers[0].mlp
+    return layer.to("cuda", torch.bfloat16) if cuda else layer
 
 
 def forward_backward(layer, x, grad):
@@ -64,17 +68,24 @@ def forward_backward(layer, x, grad):
     return out.detach(), x.grad, {n: p.grad.clone() for n, p in layer.named_parameters()}
 
 
-def main(out_dir: str) -> None:
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    rank = int(os.environ["RANK"])
+def main(out_dir: str, device: str = "cpu") -> None:
+    cuda = device == "cuda"
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     results = {}
     for name, n, k, routing, ep_size, extra in CASES:
-        layer = autoep_layer(name, n, k, routing, ep_size, extra)
+        if ep_size > world:
+            continue
+        layer = autoep_layer(name, n, k, routing, ep_size, extra, cuda)
         torch.manual_seed(100 + rank)  # different tokens on each rank
         x = torch.randn(2, T // 2, H)
         if name.startswith("E8K2_all_to_rank0"):
             x = x.abs() + 0.1
         grad = torch.randn(2, T // 2, H)
+        if cuda:
+            x, grad = x.to("cuda", torch.bfloat16), grad.to("cuda", torch.bfloat16)
         stock = forward_backward(layer, x, grad)
         switched, skipped = install_fast_path(layer)
         fast = forward_backward(layer, x, grad)
@@ -82,10 +93,12 @@ def main(out_dir: str) -> None:
             "switched": switched,
             "skipped": skipped,
             "fast_class": type(layer) is FastAutoEPMoELayer,
-            "out": (fast[0] - stock[0]).abs().max().item(),
-            "out_scale": stock[0].abs().max().item(),
-            "x_grad": (fast[1] - stock[1]).abs().max().item(),
-            "param_grads": {p: (fast[2][p] - stock[2][p]).abs().max().item() for p in stock[2]},
+            "out": (fast[0] - stock[0]).float().abs().max().item(),
+            "out_scale": stock[0].float().abs().max().item(),
+            "x_grad": (fast[1] - stock[1]).float().abs().max().item(),
+            "param_grads": {p: (fast[2][p] - stock[2][p]).float().abs().max().item() for p in stock[2]},
+            "experts_class": type(layer.experts).__name__,
+            "grouped_mm": bool(layer.experts.use_grouped_mm),
             "tokens_per_expert": layer.tokens_per_expert.tolist(),  # this rank's slots, both passes
             "local_experts": layer.num_local_experts,
         }
@@ -94,4 +107,4 @@ def main(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

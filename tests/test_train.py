@@ -40,6 +40,7 @@ def workspace(tmp_path_factory):
 LAUNCHERS = {
     "deepspeed": lambda port: ["deepspeed", "--num_gpus", "2", "--master_port", str(port), TRAIN],
     "upcycle": lambda port: ["upcycle", "train", "--nproc", "2", "--master-port", str(port)],
+    "upcycle_1gpu": lambda port: ["upcycle", "train", "--nproc", "1", "--master-port", str(port)],
     "torchrun": lambda port: ["torchrun", "--nproc_per_node", "2", "--master_port", str(port), TRAIN],
     # Rank discovery through mpi4py (deepspeed.init_distributed(auto_mpi_discovery=True)).
     "mpirun": lambda port: [
