@@ -13,8 +13,10 @@ cd "$(dirname "$0")/.."
 if [[ "${1:-}" == "--build-wheelhouse" ]]; then
     rm -rf wheelhouse
     ds_version=$(python -c "import importlib.metadata as m; print(m.version('deepspeed'))")
+    # Binary wheels are for this machine's Python; the GPU machine needs the same minor version.
     pip wheel --quiet --no-deps -w wheelhouse "deepspeed==${ds_version}" hjson py-cpuinfo msgpack einops \
-        ninja nvidia-ml-py
+        ninja nvidia-ml-py pydantic pydantic-core annotated-types typing-inspection typing-extensions packaging \
+        psutil tqdm 2>&1 | grep -v "^WARNING"
     ls -l wheelhouse
     exit 0
 fi
@@ -22,7 +24,8 @@ fi
 OUT=${OUT:-gpu_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD
-python -c "import deepspeed" 2>/dev/null || pip install --quiet --no-index --no-deps wheelhouse/*.whl
+# Only what is missing is taken from the wheelhouse; packages already there are kept.
+python -c "import deepspeed" 2>/dev/null || pip install --quiet --no-index --find-links wheelhouse deepspeed
 pip install --quiet --no-deps --no-build-isolation -e . 2>/dev/null || true  # console script `upcycle`
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed', deepspeed.__version__)"
