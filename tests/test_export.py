@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 from conftest import save_hf_model
+from launching import launch
 from safetensors.torch import load_file, save_file
-from test_train import launch
 
 from pipeline import load_model
 from pipeline.cli import main

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from test_train import free_port
+from launching import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

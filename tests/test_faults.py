@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from test_train import REPO, TINY_CONFIG, TRAIN, launch
+from launching import REPO, TINY_CONFIG, TRAIN, launch
 
 from pipeline.cli import main as upcycle
 from pipeline.errors import UserError

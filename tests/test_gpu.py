@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import free_port, launch, losses
+from launching import free_port, launch, losses
 
 from pipeline.moe import MoEBlock
 

@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 import pytest
+from launching import REPO, TINY_CONFIG, TRAIN, launch, losses
 from netns import Hosts, Unavailable, two_hosts, unavailable_reason
-from test_train import REPO, TINY_CONFIG, TRAIN, launch, losses, workspace  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,7 @@ def hosts(tmp_path_factory):
 _ports = iter(range(29600, 29700))
 
 
-def start_two_hosts(hosts: Hosts, workspace: Path, out: str, *overrides: str) -> list[subprocess.Popen]:  # noqa: F811
+def start_two_hosts(hosts: Hosts, train_workspace: Path, out: str, *overrides: str) -> list[subprocess.Popen]:
     """The same command on both hosts, as a cluster user types it on each node: launch/node.sh, i.e.
     `deepspeed --hostfile H --no_ssh --node_rank i --master_addr ADDR pipeline/train.py ...`."""
     port = str(next(_ports))
@@ -83,11 +83,11 @@ def start_two_hosts(hosts: Hosts, workspace: Path, out: str, *overrides: str) ->
             str(REPO / "launch" / "node.sh"),
             TINY_CONFIG,
             "--model.path",
-            str(workspace / "moe"),
+            str(train_workspace / "moe"),
             "--data.path",
-            str(workspace / "data"),
+            str(train_workspace / "data"),
             "--output.dir",
-            str(workspace / out),
+            str(train_workspace / out),
             *overrides,
         ]
         env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
@@ -100,7 +100,7 @@ def start_two_hosts(hosts: Hosts, workspace: Path, out: str, *overrides: str) ->
             PYTHONPATH=str(REPO),
             OMP_NUM_THREADS="1",
         )
-        procs.append(hosts.popen(node, cmd, env, workspace / f"{out}.host{node}.log", cwd=str(REPO)))
+        procs.append(hosts.popen(node, cmd, env, train_workspace / f"{out}.host{node}.log", cwd=str(REPO)))
     return procs
 
 
@@ -118,17 +118,17 @@ def wait_all(procs, timeout: float) -> list[int]:
     return [proc.returncode for proc in procs]
 
 
-def host_log(workspace: Path, out: str, node: int) -> str:  # noqa: F811
-    return (workspace / f"{out}.host{node}.log").read_text()
+def host_log(train_workspace: Path, out: str, node: int) -> str:
+    return (train_workspace / f"{out}.host{node}.log").read_text()
 
 
-def wait_for_checkpoint(workspace: Path, out: str, tag: str, procs, timeout: float = 240) -> None:  # noqa: F811
-    latest = workspace / out / "checkpoints" / "latest"
+def wait_for_checkpoint(train_workspace: Path, out: str, tag: str, procs, timeout: float = 240) -> None:
+    latest = train_workspace / out / "checkpoints" / "latest"
     deadline = time.monotonic() + timeout
     while not (latest.is_file() and latest.read_text().strip() == tag):
         if time.monotonic() > deadline or any(p.poll() is not None for p in procs):
             wait_all(procs, 1)
-            pytest.fail(f"{out}: {tag} never became latest\n{host_log(workspace, out, 0)[-3000:]}")
+            pytest.fail(f"{out}: {tag} never became latest\n{host_log(train_workspace, out, 0)[-3000:]}")
         time.sleep(0.05)
 
 
@@ -153,17 +153,17 @@ def running(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def runs(hosts, workspace):  # noqa: F811
+def runs(hosts, train_workspace):
     """One single-host reference run, then a two-host run whose host-1 process is killed after the
     step-4 checkpoint, then the same command again on both hosts (resumes and finishes)."""
     started = time.monotonic()
-    launch(workspace, "single", *COMMON)  # 2 ranks on one host, loopback
+    launch(train_workspace, "single", *COMMON)  # 2 ranks on one host, loopback
     REPORT["single_host_launch_s"] = round(time.monotonic() - started, 1)
 
     traffic_before = [hosts.traffic(n) for n in (0, 1)]
     overrides = (*COMMON, "--parallel.timeout_s", str(KILL_TIMEOUT_S))
-    procs = start_two_hosts(hosts, workspace, "twohost", *overrides)
-    wait_for_checkpoint(workspace, "twohost", "step_00000004", procs)
+    procs = start_two_hosts(hosts, train_workspace, "twohost", *overrides)
+    wait_for_checkpoint(train_workspace, "twohost", "step_00000004", procs)
     victim, survivor = rank_process(hosts, 1), rank_process(hosts, 0)
     killed_at = time.monotonic()
     os.kill(victim, signal.SIGKILL)
@@ -176,10 +176,10 @@ def runs(hosts, workspace):  # noqa: F811
     codes = wait_all(procs, 30)
     traffic_after = [hosts.traffic(n) for n in (0, 1)]
     before_rerun = {
-        "losses": losses(workspace, "twohost"),
-        "latest": (workspace / "twohost" / "checkpoints" / "latest").read_text().strip(),
-        "files": {p.name for p in (workspace / "twohost" / "checkpoints" / "step_00000004").iterdir()},
-        "log0": host_log(workspace, "twohost", 0),
+        "losses": losses(train_workspace, "twohost"),
+        "latest": (train_workspace / "twohost" / "checkpoints" / "latest").read_text().strip(),
+        "files": {p.name for p in (train_workspace / "twohost" / "checkpoints" / "step_00000004").iterdir()},
+        "log0": host_log(train_workspace, "twohost", 0),
         "codes": codes,
         "stop_s": stop_s,
         "left": [hosts.pids(0), hosts.pids(1)],
@@ -190,17 +190,17 @@ def runs(hosts, workspace):  # noqa: F811
     }
 
     started = time.monotonic()
-    rerun = wait_all(start_two_hosts(hosts, workspace, "twohost", *overrides), 300)
+    rerun = wait_all(start_two_hosts(hosts, train_workspace, "twohost", *overrides), 300)
     REPORT["two_host_rerun_s"] = round(time.monotonic() - started, 1)
     assert rerun == [0, 0], (
-        host_log(workspace, "twohost", 0)[-3000:] + host_log(workspace, "twohost", 1)[-2000:]
+        host_log(train_workspace, "twohost", 0)[-3000:] + host_log(train_workspace, "twohost", 1)[-2000:]
     )
     return {
-        "single": losses(workspace, "single"),
+        "single": losses(train_workspace, "single"),
         "before_rerun": before_rerun,
-        "after_rerun": losses(workspace, "twohost"),
+        "after_rerun": losses(train_workspace, "twohost"),
         "traffic": [(a[0] - b[0], a[1] - b[1]) for a, b in zip(traffic_after, traffic_before, strict=True)],
-        "dir": workspace / "twohost",
+        "dir": train_workspace / "twohost",
     }
 
 
@@ -262,14 +262,15 @@ def test_rerun_resumes_on_both_hosts(runs):
     REPORT["max_abs_loss_diff_after_resume"] = max(abs(single[s] - resumed[s]) for s in single)
 
 
-def test_survivor_stops_after_timeout_when_the_network_is_cut(hosts, workspace):  # noqa: F811
+def test_survivor_stops_after_timeout_when_the_network_is_cut(hosts, train_workspace):
     """Host 1's link goes down mid-run: no connection reset reaches host 0, so only the collective timeout
     (parallel.timeout_s, also on DeepSpeed's expert/data-parallel groups) can stop it, and it does."""
     procs = start_two_hosts(
-        hosts, workspace, "cut", *COMMON, "--train.steps", "500", "--parallel.timeout_s", str(CUT_TIMEOUT_S)
+        hosts, train_workspace, "cut", *COMMON, "--train.steps", "500", "--parallel.timeout_s",
+        str(CUT_TIMEOUT_S)
     )
     try:
-        wait_for_checkpoint(workspace, "cut", "step_00000004", procs)
+        wait_for_checkpoint(train_workspace, "cut", "step_00000004", procs)
         cut_at = time.monotonic()
         hosts.set_link(1, up=False)
         try:
@@ -281,7 +282,7 @@ def test_survivor_stops_after_timeout_when_the_network_is_cut(hosts, workspace):
         codes = wait_all(procs, 60)
         hosts.set_link(1, up=True)
     REPORT["survivor_stop_after_cut_s"] = round(stop_s, 2)
-    log0 = host_log(workspace, "cut", 0)
+    log0 = host_log(train_workspace, "cut", 0)
     assert CUT_TIMEOUT_S * 0.9 < stop_s < CUT_TIMEOUT_S + STOP_SLACK_S, (stop_s, log0[-3000:])
     assert codes[0] != 0
     assert "lost contact with the other ranks" in log0 and "Timed out" in log0, log0[-3000:]
