@@ -2,6 +2,7 @@
 
     python bench/moe_layer.py            # CPU: small sizes (H=256, F=1024, 2048 tokens, fp32)
     python bench/moe_layer.py --gpu      # GPU: H=2048, F=8192, 8192 tokens, bf16 (DESIGN section 6)
+    torchrun --nproc_per_node 2 bench/moe_layer.py   # expert parallelism: AutoEP at EP = world size
 
 Variants per (N, K, G) setting, all on the same tokens:
   ours            pipeline.moe.MoEBlock (the project's block: fp32 router, sort, grouped GEMM or loop)
@@ -9,7 +10,9 @@ Variants per (N, K, G) setting, all on the same tokens:
   ds_autoep_fast  the same layer after pipeline.fast_ep.install_fast_path (what training runs)
   ds_classic      deepspeed.moe.layer.MoE, capacity factor 1.0 (drops tokens)
 Ideal time = dense time x K/G (same active FLOPs). Routing is "balanced" (the router as initialised,
-random) or "skewed" (half of all tokens prefer expert 0's group).
+random) or "skewed" (half of all tokens prefer expert 0's group). Under torchrun with several ranks,
+each rank times its own tokens (and its own dense MLP) and only the AutoEP variants run, with the
+experts split over the ranks and tokens exchanged by all-to-all; rank 0 prints.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import time
 from functools import partial
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -56,14 +60,14 @@ class OneLayerModel(nn.Module):
         self.model.layers[0].mlp = block
 
 
-def autoep_layer(block: MoEBlock, fast: bool, device, dtype) -> nn.Module:
-    """Let `deepspeed.initialize` replace the block by its AutoEP layer, as training does (EP 1)."""
+def autoep_layer(block: MoEBlock, fast: bool, device, dtype, ep_size: int = 1) -> nn.Module:
+    """Let `deepspeed.initialize` replace the block by its AutoEP layer, as training does."""
     import deepspeed
 
     from pipeline.fast_ep import install_fast_path
     from pipeline.train import autoep_section
 
-    section = autoep_section(block.moe_config, ep_size=1, cuda=device.type == "cuda")
+    section = autoep_section(block.moe_config, ep_size=ep_size, cuda=device.type == "cuda")
     engine, *_ = deepspeed.initialize(model=OneLayerModel(block),
                                       config={"train_batch_size": 1, "expert_parallel": section})
     layer = engine.module.model.layers[0].mlp.to(device, dtype)
@@ -137,7 +141,8 @@ def main() -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if args.gpu else "gloo", verbose=False)
-    torch.manual_seed(0)
+    world = dist.get_world_size()
+    torch.manual_seed(dist.get_rank())  # each rank its own tokens
     x = torch.randn(1, tokens, h, device=device, dtype=dtype)
     t_dense = time_fwd_bwd(DenseMLP(h, f).to(device, dtype), x, args.iters, 2)
     rows = [dict(variant="dense", routing="-", N=1, K=1, G=1, ms=t_dense * 1e3, x_ideal=1.0, x_dense=1.0)]
@@ -147,11 +152,12 @@ def main() -> None:
         for routing in ROUTINGS:
             block = partial(upcycled_block, h, f, n, k, g, skewed=routing == "skewed")
             variants += [
-                ("ours", routing, block),
-                ("ds_autoep", routing, lambda b=block: autoep_layer(b(), False, device, dtype)),
-                ("ds_autoep_fast", routing, lambda b=block: autoep_layer(b(), True, device, dtype)),
+                *([("ours", routing, block)] if world == 1 else []),
+                ("ds_autoep", routing, lambda b=block: autoep_layer(b(), False, device, dtype, world)),
+                ("ds_autoep_fast", routing, lambda b=block: autoep_layer(b(), True, device, dtype, world)),
             ]
-        variants.append(("ds_classic_cf1", "balanced", partial(ds_classic, h, f // g, n, k)))
+        if world == 1:
+            variants.append(("ds_classic_cf1", "balanced", partial(ds_classic, h, f // g, n, k)))
         for name, routing, make in variants:
             try:
                 t = time_fwd_bwd(make().to(device, dtype), x, args.iters, 2)
@@ -159,7 +165,12 @@ def main() -> None:
                                  x_dense=t / t_dense))
             except Exception as exc:  # keep measuring the others
                 rows.append(dict(variant=name, routing=routing, N=n, K=k, G=g, error=repr(exc)[:120]))
-    print(f"device {device}, dtype {dtype}, H={h}, F={f}, {tokens} tokens, fwd+bwd, median of {args.iters}")
+    dist.barrier()
+    dist.destroy_process_group()  # gloo's destructors at exit can otherwise abort the process
+    if int(os.environ["RANK"]) != 0:
+        return
+    print(f"device {device}, dtype {dtype}, H={h}, F={f}, {tokens} tokens per rank, fwd+bwd, median of "
+          f"{args.iters}, {world} rank(s), EP {world}")
     print(f"{'variant':16}{'routing':>10}{'N':>4}{'K':>3}{'G':>3}{'ms':>10}{'x ideal':>9}{'x dense':>9}")
     for r in rows:
         head = f"{r['variant']:16}{r['routing']:>10}{r['N']:>4}{r['K']:>3}{r['G']:>3}"

@@ -104,6 +104,10 @@ def main(out_dir: str, device: str = "cpu") -> None:
         }
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(results, fh, indent=1)
+    # Without this, gloo's destructors at interpreter exit sometimes abort the process (SIGABRT,
+    # "terminate called without an active exception") after the work is done.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
