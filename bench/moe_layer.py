@@ -69,7 +69,7 @@ def autoep_layer(block: MoEBlock, fast: bool, device, dtype, ep_size: int = 1) -
 
     section = autoep_section(block.moe_config, ep_size=ep_size, cuda=device.type == "cuda")
     engine, *_ = deepspeed.initialize(model=OneLayerModel(block),
-                                      config={"train_batch_size": 1, "expert_parallel": section})
+                                      config={"train_batch_size": ep_size, "expert_parallel": section})
     layer = engine.module.model.layers[0].mlp.to(device, dtype)
     if fast:
         assert install_fast_path(layer)[0] == 1
