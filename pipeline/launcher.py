@@ -7,6 +7,7 @@ upcycle train --config multi_gpu.yaml --hostfile launch/hostfile [--section.key 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -76,4 +77,17 @@ def run_cli(args: argparse.Namespace) -> int:
     print("running:", " ".join(cmd), flush=True)
     if args.dry_run:
         return 0
-    return subprocess.call(cmd)
+    try:
+        return subprocess.call(cmd)
+    finally:
+        remove_leftover_shm(args.master_port)
+
+
+def remove_leftover_shm(port: int) -> None:
+    """Unlink DeepSpeed's CPU all-reduce segments of this run's port that a killed rank left behind.
+
+    Ranks that exit normally unlink their own (pipeline.train.remove_shm_buffer); once the launcher
+    has returned, no rank of this run on this host is alive, and no other run can hold the port.
+    """
+    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        path.unlink(missing_ok=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 
 import pytest
@@ -42,6 +44,18 @@ def save_hf_model(family: str, path, seed: int = 0, max_shard_size: str | None =
                 p.normal_(mean=1.0 if "norm" in name else 0.0, std=0.1)
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_leftover_deepspeed_shm():
+    """Tests kill ranks on purpose; a killed rank cannot unlink DeepSpeed's ~67 MB CPU all-reduce segment
+    in /dev/shm (RAM). Remove the ones this session made, so repeated test runs do not fill memory."""
+    pattern = "/dev/shm/deepspeed_allreduce_buffer_*"
+    before = set(glob.glob(pattern))
+    yield
+    for path in set(glob.glob(pattern)) - before:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 @pytest.fixture(scope="session")

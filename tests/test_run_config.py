@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -181,3 +182,18 @@ def test_upcycle_train_validates_before_launching(tmp_path, capsys):
         "train.global_batch=8 is not a multiple of train.micro_batch (2) x world size (3)"
         in capsys.readouterr().err
     )
+
+
+def test_launcher_removes_only_its_ports_leftover_shm_segments():
+    from pipeline.launcher import remove_leftover_shm
+
+    uid = os.getuid()
+    mine = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{uid}_127.0.0.1_{61011}_{r}") for r in (0, 1)]
+    other = Path(f"/dev/shm/deepspeed_allreduce_buffer_{uid}_127.0.0.1_{61012}_0")
+    for path in (*mine, other):
+        path.write_bytes(b"x")
+    try:
+        remove_leftover_shm(61011)
+        assert not any(p.exists() for p in mine) and other.exists()
+    finally:
+        other.unlink(missing_ok=True)
