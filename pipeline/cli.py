@@ -7,31 +7,39 @@ Each stage module owns its arguments through an `add_parser(subparsers)` functio
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from pipeline.errors import UserError
 
+# subcommand -> the module whose `add_parser` defines it. Only the one being run is imported, so that
+# `upcycle prep` does not pay for torch (~2 s), which the model stages import.
+STAGES = {
+    "init": "pipeline.init_model",
+    "convert": "pipeline.convert",
+    "prep": "data_prep.cli",
+    "train": "pipeline.launcher",
+    "export": "pipeline.export",
+    "eval": "pipeline.evaluate",
+}
 
-def build_parser() -> argparse.ArgumentParser:
-    from data_prep import cli as prep_cli
-    from pipeline import convert, evaluate, export, init_model, launcher
 
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The `upcycle` parser; with `command`, only that subcommand's module is imported and registered."""
     parser = argparse.ArgumentParser(
         prog="upcycle",
         description="Upcycle dense Llama/Mistral/Qwen2 checkpoints into Mixture-of-Experts and train them.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    init_model.add_parser(sub)
-    convert.add_parser(sub)
-    prep_cli.add_parser(sub)
-    launcher.add_parser(sub)
-    export.add_parser(sub)
-    evaluate.add_parser(sub)
+    for name, module in STAGES.items():
+        if command is None or name == command:
+            importlib.import_module(module).add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv and argv[0] in STAGES else None)
     # `upcycle train` passes `--section.key value` overrides through to the run config.
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "allow_overrides", False):
