@@ -27,6 +27,8 @@ import torch
 from deepspeed.module_inject import auto_ep_layer
 from deepspeed.moe import ep_experts
 
+from pipeline.moe import DispatchSlots, PermuteRows, inverse_permutation
+
 
 def expert_loop(experts: ep_experts.GroupedExperts, x_SH: torch.Tensor, counts_N: torch.Tensor):
     """SwiGLU experts over slots grouped by expert, one matmul per non-empty expert.
@@ -63,47 +65,6 @@ class FastGroupedExperts(ep_experts.GroupedExperts):
         return expert_loop(self, x_SH, counts_N)
 
 
-def inverse_permutation(order_S: torch.Tensor) -> torch.Tensor:
-    """inverse[order[i]] = i, so `y[inverse]` undoes `x[order]`."""
-    inverse_S = torch.empty_like(order_S)
-    inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
-    return inverse_S
-
-
-class _PermuteRows(torch.autograd.Function):
-    """rows[order] for a permutation `order`; the backward is a gather by the inverse, not a scatter-add."""
-
-    @staticmethod
-    def forward(ctx, rows, order, inverse):
-        ctx.save_for_backward(inverse)
-        return rows.index_select(0, order)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(0, inverse), None, None
-
-
-class _DispatchSlots(torch.autograd.Function):
-    """x_TH -> routed_SH = x[order // K]: each token copied to its K slots, slots in expert order.
-
-    The backward gathers the slot gradients back into [T, K, H] order and sums over K, instead of the
-    scatter-add with accumulation that advanced indexing would record.
-    """
-
-    @staticmethod
-    def forward(ctx, x_TH, order_S, inverse_S, top_k):
-        ctx.save_for_backward(inverse_S)
-        ctx.top_k = top_k
-        return x_TH.index_select(0, order_S // top_k)
-
-    @staticmethod
-    def backward(ctx, grad_SH):
-        (inverse_S,) = ctx.saved_tensors
-        grad_TKH = grad_SH.index_select(0, inverse_S).view(-1, ctx.top_k, grad_SH.shape[-1])
-        return grad_TKH.sum(dim=1), None, None, None
-
-
 class FastAutoEPMoELayer(auto_ep_layer.AutoEPMoELayer):
     """`AutoEPMoELayer` with a leaner dispatch and combine; same parameters, same state dict."""
 
@@ -116,7 +77,7 @@ class FastAutoEPMoELayer(auto_ep_layer.AutoEPMoELayer):
 
         order_S = experts_TK.reshape(-1).argsort(stable=True)  # slots grouped by expert, 0..N-1
         inverse_S = inverse_permutation(order_S)
-        routed_SH = _DispatchSlots.apply(x_TH, order_S, inverse_S, self.top_k)
+        routed_SH = DispatchSlots.apply(x_TH, order_S, inverse_S, self.top_k)
         if self.ep_size == 1:
             y_SH = self.experts(routed_SH, counts_N)
         else:
@@ -124,7 +85,7 @@ class FastAutoEPMoELayer(auto_ep_layer.AutoEPMoELayer):
 
         # AutoEP's "weighted_sum" combine: score x output in fp32, summed over the K slots of a token,
         # rounded once to the activation dtype. (A batched [1, K] x [K, H] matmul is slower on CPU.)
-        y_TKH = _PermuteRows.apply(y_SH, inverse_S, order_S).view(B * T, self.top_k, H)
+        y_TKH = PermuteRows.apply(y_SH, inverse_S, order_S).view(B * T, self.top_k, H)
         out_TH = (y_TKH.float() * top_scores_TK.unsqueeze(-1).float()).sum(dim=1).to(y_SH.dtype)
         return self._finalize_output(out_TH.view(B, T, H), x_TH, hidden_states_BTH, H)
 
@@ -140,9 +101,9 @@ class FastAutoEPMoELayer(auto_ep_layer.AutoEPMoELayer):
         expert_of_row_R = torch.repeat_interleave(local_ids, counts_by_source, output_size=recv_RH.shape[0])
         regroup_R = expert_of_row_R.argsort(stable=True)
         ungroup_R = inverse_permutation(regroup_R)
-        x_RH = _PermuteRows.apply(recv_RH, regroup_R, ungroup_R)
+        x_RH = PermuteRows.apply(recv_RH, regroup_R, ungroup_R)
         y_RH = self.experts(x_RH, plan.local_counts_by_source.sum(dim=0))
-        y_RH = _PermuteRows.apply(y_RH, ungroup_R, regroup_R)
+        y_RH = PermuteRows.apply(y_RH, ungroup_R, regroup_R)
         return auto_ep_layer._AllToAllV.apply(self.ep_group, y_RH, plan.output_splits, plan.input_splits)
 
 

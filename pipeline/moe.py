@@ -48,6 +48,47 @@ def router_z_loss(logits_TN: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits_TN.float(), dim=-1).square().mean()
 
 
+def inverse_permutation(order_S: torch.Tensor) -> torch.Tensor:
+    """inverse[order[i]] = i, so `y[inverse]` undoes `x[order]`."""
+    inverse_S = torch.empty_like(order_S)
+    inverse_S[order_S] = torch.arange(order_S.numel(), device=order_S.device)
+    return inverse_S
+
+
+class PermuteRows(torch.autograd.Function):
+    """rows[order] for a permutation `order`; the backward is a gather by the inverse, not a scatter-add."""
+
+    @staticmethod
+    def forward(ctx, rows, order, inverse):
+        ctx.save_for_backward(inverse)
+        return rows.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+class DispatchSlots(torch.autograd.Function):
+    """x_TH -> routed_SH = x[order // K]: each token copied to its K slots, slots in expert order.
+
+    The backward gathers the slot gradients back into [T, K, H] order and sums over K, instead of the
+    scatter-add with accumulation that advanced indexing would record.
+    """
+
+    @staticmethod
+    def forward(ctx, x_TH, order_S, inverse_S, top_k):
+        ctx.save_for_backward(inverse_S)
+        ctx.top_k = top_k
+        return x_TH.index_select(0, order_S // top_k)
+
+    @staticmethod
+    def backward(ctx, grad_SH):
+        (inverse_S,) = ctx.saved_tensors
+        grad_TKH = grad_SH.index_select(0, inverse_S).view(-1, ctx.top_k, grad_SH.shape[-1])
+        return grad_TKH.sum(dim=1), None, None, None
+
+
 def _grouped_mm_available(x: torch.Tensor) -> bool:
     return (
         x.is_cuda
@@ -136,13 +177,14 @@ class MoEBlock(nn.Module):
         # Sort the T*K (token, expert) slots by expert so each expert sees one contiguous block.
         experts_S = experts_TK.flatten()
         order_S = experts_S.argsort(stable=True)
-        token_of_slot_S = order_S // self.top_k
+        inverse_S = inverse_permutation(order_S)
         # scatter_add into a known size: bincount would sync with the host on GPU to size its output
         ones_S = torch.ones_like(experts_S)
         tokens_per_expert_N = experts_S.new_zeros(self.num_experts).scatter_add_(0, experts_S, ones_S)
-        y_SH = self.experts(x_TH[token_of_slot_S], tokens_per_expert_N)
-        y_SH = y_SH * weights_TK.flatten()[order_S].unsqueeze(-1).to(y_SH.dtype)
-        out_TH = torch.zeros_like(x_TH).index_add_(0, token_of_slot_S, y_SH)
+        y_SH = self.experts(DispatchSlots.apply(x_TH, order_S, inverse_S, self.top_k), tokens_per_expert_N)
+        # Weighted sum over each token's K slots in fp32, rounded once (as DeepSpeed AutoEP combines).
+        y_TKH = PermuteRows.apply(y_SH, inverse_S, order_S).view(B * T, self.top_k, H)
+        out_TH = (y_TKH.float() * weights_TK.unsqueeze(-1)).sum(dim=1).to(x_TH.dtype)
 
         self.last_router_logits_TN = logits_TN
         self.last_tokens_per_expert_N = tokens_per_expert_N.detach()
