@@ -1,14 +1,11 @@
 """`upcycle prep ...`: corpus, tokenizer, tokenize and stats stages.
 
-`add_parser(subparsers)` is wired into the top-level `upcycle` CLI; `main(argv)` runs the same parser on
-its own (for tests and `python -m data_prep.cli`).
+`add_parser(subparsers)` is wired into the top-level `upcycle` CLI, which imports only this module when
+the command is `prep`; `main(argv)` and `python -m data_prep.cli prep ...` run that same CLI.
 """
 from __future__ import annotations
 
-import argparse
 import sys
-
-from pipeline.errors import UserError
 
 
 def add_parser(subparsers) -> None:
@@ -52,6 +49,8 @@ def add_parser(subparsers) -> None:
     p = sub.add_parser("stats", help="summary and document-length histogram of a prepared directory")
     p.add_argument("dir")
     p.set_defaults(func=cmd_stats)
+    for name, stage in sub.choices.items():
+        stage.set_defaults(command_label=f"prep {name}")  # error messages name the stage
 
 
 def cmd_corpus(args) -> int:
@@ -103,20 +102,11 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="upcycle")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Run `upcycle prep ...` without the rest of the CLI; UserError -> message on stderr, exit 2."""
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except UserError as exc:
-        print(f"upcycle prep {args.prep_command}: error: {exc}", file=sys.stderr)
-        return 2
+    """`upcycle prep ...` (argv starts with "prep"); UserError -> message on stderr, exit 2."""
+    from pipeline.cli import main as upcycle_main
+
+    return upcycle_main(argv)
 
 
 if __name__ == "__main__":

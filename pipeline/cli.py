@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UserError as exc:
-        print(f"upcycle {args.command}: error: {exc}", file=sys.stderr)
+        print(f"upcycle {getattr(args, 'command_label', args.command)}: error: {exc}", file=sys.stderr)
         return 2
 
 
