@@ -47,6 +47,12 @@ LAUNCHERS = {
 }
 
 
+def run_paths(workspace: Path, out: str) -> list[str]:
+    """Overrides pointing a run at the workspace's upcycled model and data, writing to workspace/out."""
+    return ["--model.path", str(workspace / "moe"), "--data.path", str(workspace / "data"),
+            "--output.dir", str(workspace / out)]
+
+
 def launch(
     workspace: Path,
     out: str,
@@ -55,15 +61,12 @@ def launch(
     timeout: int = 300,
     launcher: str = "deepspeed",
 ):
-    data_args = ["--model.path", str(workspace / "moe"), "--data.path", str(workspace / "data")]
     port = free_port()
     cmd = [
         *LAUNCHERS[launcher](port),
         "--config",
         TINY_CONFIG,
-        *data_args,
-        "--output.dir",
-        str(workspace / out),
+        *run_paths(workspace, out),
         *overrides,
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from launching import REPO, TINY_CONFIG, TRAIN, launch, losses
+from launching import REPO, TINY_CONFIG, TRAIN, launch, losses, run_paths
 from netns import Hosts, Unavailable, two_hosts, unavailable_reason
 
 pytestmark = pytest.mark.slow
@@ -82,12 +82,7 @@ def start_two_hosts(hosts: Hosts, train_workspace: Path, out: str, *overrides: s
             "bash",
             str(REPO / "launch" / "node.sh"),
             TINY_CONFIG,
-            "--model.path",
-            str(train_workspace / "moe"),
-            "--data.path",
-            str(train_workspace / "data"),
-            "--output.dir",
-            str(train_workspace / out),
+            *run_paths(train_workspace, out),
             *overrides,
         ]
         env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}

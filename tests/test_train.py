@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from launching import REPO, TINY_CONFIG, TRAIN, launch, losses, process_group_alive
+from launching import REPO, TINY_CONFIG, TRAIN, launch, losses, process_group_alive, run_paths
 
 pytestmark = pytest.mark.slow
 
@@ -137,12 +137,7 @@ def test_sigterm_saves_and_exits_cleanly(train_workspace):
             TRAIN,
             "--config",
             TINY_CONFIG,
-            "--model.path",
-            str(train_workspace / "moe"),
-            "--data.path",
-            str(train_workspace / "data"),
-            "--output.dir",
-            str(train_workspace / "preempted"),
+            *run_paths(train_workspace, "preempted"),
             "--parallel.ep_size",
             "1",
         ],
