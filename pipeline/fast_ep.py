@@ -27,11 +27,11 @@ import torch
 from deepspeed.module_inject import auto_ep_layer
 from deepspeed.moe import ep_experts
 
-from pipeline.moe import DispatchSlots, PermuteRows, inverse_permutation
+from pipeline.moe import DispatchSlots, PermuteRows, inverse_permutation, run_per_expert
 
 
 def expert_loop(experts: ep_experts.GroupedExperts, x_SH: torch.Tensor, counts_N: torch.Tensor):
-    """SwiGLU experts over slots grouped by expert, one matmul per non-empty expert.
+    """SwiGLU experts over slots grouped by expert, one set of matmuls per non-empty expert.
 
     `unbind` once: its backward stacks the N weight gradients once, where `w1[e]` per expert would make
     autograd add a full-size zero gradient for every expert.
@@ -43,13 +43,7 @@ def expert_loop(experts: ep_experts.GroupedExperts, x_SH: torch.Tensor, counts_N
         gate_eI, up_eI = x_eH @ w1_N[e].T, x_eH @ w3_N[e].T
         return ep_experts.apply_expert_activation(gate_eI, up_eI, *act, fused=False) @ w2_N[e].T
 
-    splits = x_SH.split(counts_N.tolist())
-    outputs = [expert(e, x_eH) for e, x_eH in enumerate(splits) if x_eH.shape[0] > 0]
-    if not outputs:
-        # No rows reached this rank: one empty matmul keeps the weights in the graph, so they get (zero)
-        # gradients as on the other ranks, and ZeRO's gradient hooks fire on every rank alike.
-        outputs = [expert(0, x_SH)]
-    return torch.cat(outputs)
+    return run_per_expert(expert, x_SH, counts_N)
 
 
 class FastGroupedExperts(ep_experts.GroupedExperts):

@@ -89,6 +89,18 @@ class DispatchSlots(torch.autograd.Function):
         return grad_TKH.sum(dim=1), None, None, None
 
 
+def run_per_expert(expert, x_SH: torch.Tensor, counts_N: torch.Tensor) -> torch.Tensor:
+    """`expert(e, x_eH)` on each non-empty group of `x_SH` (rows grouped by expert), outputs concatenated.
+
+    With no rows at all (a rank that received no tokens under expert parallelism), one empty call keeps
+    the weights in the graph, so they get zero gradients rather than none and ZeRO's gradient hooks fire
+    on every rank alike.
+    """
+    groups = x_SH.split(counts_N.tolist())
+    outputs = [expert(e, x_eH) for e, x_eH in enumerate(groups) if x_eH.shape[0] > 0]
+    return torch.cat(outputs) if outputs else expert(0, x_SH)
+
+
 def _grouped_mm_available(x: torch.Tensor) -> bool:
     return (
         x.is_cuda
@@ -128,13 +140,12 @@ class Experts(nn.Module):
         has_bias = self.gate_up_bias is not None
         gate_up_bias_N = self.gate_up_bias.unbind(0) if has_bias else [None] * self.num_experts
         down_bias_N = self.down_bias.unbind(0) if has_bias else [None] * self.num_experts
-        outputs = []
-        for e, x_eH in enumerate(x_SH.split(tokens_per_expert_N.tolist())):
-            if x_eH.shape[0] == 0:
-                continue
+
+        def expert(e: int, x_eH: torch.Tensor) -> torch.Tensor:
             h_eI = self._swiglu(F.linear(x_eH, gate_up_N[e], gate_up_bias_N[e]))
-            outputs.append(F.linear(h_eI, down_N[e], down_bias_N[e]))
-        return torch.cat(outputs) if outputs else x_SH.new_zeros(x_SH.shape)
+            return F.linear(h_eI, down_N[e], down_bias_N[e])
+
+        return run_per_expert(expert, x_SH, tokens_per_expert_N)
 
     def _forward_grouped(self, x_SH: torch.Tensor, tokens_per_expert_N: torch.Tensor) -> torch.Tensor:
         # One grouped GEMM per projection, no host sync: offsets are the cumulative token counts.
