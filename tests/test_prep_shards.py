@@ -162,20 +162,13 @@ def test_largest_id_round_trips_at_dtype_boundary(tmp_path, vocab, code):
 def test_cli_tokenize_and_stats(setup, capsys):
     root, tok_dir, texts = setup
     out = str(root / "cli")
-    rc = cli.main(
-        [
-            "prep",
-            "tokenize",
-            "--input",
-            str(root / "in" / "a.jsonl"),
-            str(root / "in" / "b.jsonl"),
-            "--tokenizer",
-            os.path.join(tok_dir, "tokenizer.json"),
-            "--out",
-            out,
-            "--no-progress",
-        ]
-    )
+    inputs = [str(root / "in" / "a.jsonl"), str(root / "in" / "b.jsonl")]
+
+    def tokenize(tokenizer: str) -> int:
+        return cli.main(["prep", "tokenize", "--input", *inputs, "--tokenizer", tokenizer, "--out", out,
+                         "--no-progress"])
+
+    rc = tokenize(os.path.join(tok_dir, "tokenizer.json"))  # the file here, its directory below
     assert rc == 0
     table = capsys.readouterr().out
     assert "documents" in table and "tokens/s" in table and f"{len(texts):,}" in table
@@ -184,21 +177,5 @@ def test_cli_tokenize_and_stats(setup, capsys):
     assert "document length" in report and "#" in report
     # a finished run is not redone
     mtime = os.path.getmtime(os.path.join(out, "train_00000.bin"))
-    assert (
-        cli.main(
-            [
-                "prep",
-                "tokenize",
-                "--input",
-                str(root / "in" / "a.jsonl"),
-                str(root / "in" / "b.jsonl"),
-                "--tokenizer",
-                tok_dir,
-                "--out",
-                out,
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert tokenize(tok_dir) == 0
     assert os.path.getmtime(os.path.join(out, "train_00000.bin")) == mtime

@@ -21,13 +21,8 @@ pytestmark = pytest.mark.slow
 def test_quickstart_tiny_writes_results(tmp_path):
     out = tmp_path / "qs"
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        ["bash", str(REPO / "launch" / "quickstart.sh"), "--size", "tiny", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=900,
-    )
+    cmd = ["bash", str(REPO / "launch" / "quickstart.sh"), "--size", "tiny", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "tensorboard --logdir" in proc.stdout
 
@@ -50,13 +45,7 @@ def test_quickstart_tiny_writes_results(tmp_path):
     assert (out / "dense" / "model.safetensors").is_file()
 
     # A second invocation finds every stage done and only rewrites the summary.
-    again = subprocess.run(
-        ["bash", str(REPO / "launch" / "quickstart.sh"), "--size", "tiny", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "s] training " not in again.stdout  # the "[  12s] training RUN: ..." line of a run that starts
     assert json.loads((out / "results.json").read_text())["moe"] == result["moe"]
