@@ -7,7 +7,6 @@ upcycle train --config multi_gpu.yaml --hostfile launch/hostfile [--section.key 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -89,5 +88,7 @@ def remove_leftover_shm(port: int) -> None:
     Ranks that exit normally unlink their own (pipeline.train.remove_shm_buffer); once the launcher
     has returned, no rank of this run on this host is alive, and no other run can hold the port.
     """
-    for path in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+    from pipeline.train import shm_buffer_name
+
+    for path in Path("/dev/shm").glob(shm_buffer_name("*", port, "*")):
         path.unlink(missing_ok=True)

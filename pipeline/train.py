@@ -468,7 +468,12 @@ def shm_buffer_path() -> Path:
     and a later run on the same port could map a stale segment.
     """
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return Path(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{dist.get_rank()}")
+    return Path("/dev/shm") / shm_buffer_name(addr, port, dist.get_rank())
+
+
+def shm_buffer_name(addr: str, port: int | str, rank: int | str) -> str:
+    """The segment's file name as shm.cpp builds it; "*" in any field makes it a glob pattern."""
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
 def remove_shm_buffer(path: Path) -> None:

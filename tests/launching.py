@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.train import shm_buffer_name
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "pipeline" / "train.py")
 TINY_CONFIG = str(REPO / "launch" / "configs" / "tiny_cpu.yaml")
@@ -81,7 +83,7 @@ def launch(
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, (workspace / f"{out}.log").read_text()[-3000:]
     # DeepSpeed's CPU all-reduce segments (~67 MB of RAM each) are removed when the ranks exit.
-    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    assert not glob.glob("/dev/shm/" + shm_buffer_name("*", port, "*"))
     return proc
 
 

@@ -189,7 +189,7 @@ def test_upcycle_train_validates_before_launching(tmp_path, capsys):
 def test_launcher_removes_only_its_ports_leftover_shm_segments():
     from pipeline.launcher import remove_leftover_shm
 
-    uid = os.getuid()
+    uid = os.getuid()  # the literal name shm.cpp writes, not our helper's idea of it
     mine = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{uid}_127.0.0.1_{61011}_{r}") for r in (0, 1)]
     other = Path(f"/dev/shm/deepspeed_allreduce_buffer_{uid}_127.0.0.1_{61012}_0")
     for path in (*mine, other):
