@@ -67,7 +67,7 @@ def autoep_layer(block: MoEBlock, fast: bool, device, dtype, ep_size: int = 1) -
     from pipeline.fast_ep import install_fast_path
     from pipeline.train import autoep_section
 
-    section = autoep_section(block.moe_config, ep_size=ep_size, cuda=device.type == "cuda")
+    section = autoep_section(block.top_k, block.routing, ep_size=ep_size, cuda=device.type == "cuda")
     engine, *_ = deepspeed.initialize(model=OneLayerModel(block),
                                       config={"train_batch_size": ep_size, "expert_parallel": section})
     layer = engine.module.model.layers[0].mlp.to(device, dtype)
@@ -102,7 +102,6 @@ def upcycled_block(h, f, n, k, g, skewed: bool) -> MoEBlock:
         tensors = upcycle_mlp(moe, dense.gate_proj.weight, dense.up_proj.weight, dense.down_proj.weight)
         block.experts.gate_up_proj.copy_(tensors["gate_up_proj"])
         block.experts.down_proj.copy_(tensors["down_proj"])
-    block.moe_config = moe
     return block
 
 

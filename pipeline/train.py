@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pipeline import checkpointing, metrics
-from pipeline.config import ModelConfig, MoEConfig, read_hf_config
+from pipeline.config import ModelConfig, read_hf_config
 from pipeline.errors import UserError
 from pipeline.moe import load_balancing_loss, route, router_z_loss
 from pipeline.run_config import (
@@ -83,11 +83,12 @@ def build_ds_config(cfg: RunConfig, model_config: ModelConfig, world_size: int, 
         }
     )
     if model_config.moe is not None:
-        ds["expert_parallel"] = autoep_section(model_config.moe, p.ep_size, cuda)
+        moe = model_config.moe
+        ds["expert_parallel"] = autoep_section(moe.top_k, moe.routing, p.ep_size, cuda)
     return ds
 
 
-def autoep_section(moe: MoEConfig, ep_size: int, cuda: bool, layer_pattern: str = MOE_LAYER_PATTERN) -> dict:
+def autoep_section(top_k: int, routing: str, ep_size: int, cuda: bool, layer_pattern=MOE_LAYER_PATTERN):
     """DeepSpeed's `expert_parallel` (AutoEP) config for our MoE blocks (see DESIGN section 3)."""
     return {
         "enabled": True,
@@ -98,10 +99,10 @@ def autoep_section(moe: MoEConfig, ep_size: int, cuda: bool, layer_pattern: str 
         "expert_w1": "gate_up_proj",
         "expert_w2": "down_proj",
         "expert_w3": None,
-        "top_k": moe.top_k,
+        "top_k": top_k,
         "score_func": "softmax",
         # softmax over the K selected logits == softmax over all, then top-K, then renormalise.
-        "route_norm": moe.routing == "topk-softmax",
+        "route_norm": routing == "topk-softmax",
         "routed_scaling_factor": 1.0,  # the scale lives in the expert weights
         "use_grouped_mm": cuda,
     }

@@ -19,7 +19,6 @@ import deepspeed
 import torch
 import torch.nn as nn
 
-from pipeline.config import MoEConfig
 from pipeline.fast_ep import FastAutoEPMoELayer, install_fast_path
 from pipeline.moe import MoEBlock
 from pipeline.train import autoep_section
@@ -50,9 +49,7 @@ def autoep_layer(name, n, k, routing, ep_size, extra, cuda: bool):
     if name.startswith("E8K2_all_to_rank0"):
         with torch.no_grad():
             block.gate.weight[:k] += 10.0  # with inputs > 0, experts 0..K-1 win every token
-    moe = MoEConfig(num_experts=n, top_k=k, granularity=1, routing=routing, layers=(0,),
-                    expert_intermediate_size=I, expert_scale=1.0)
-    ep = {**autoep_section(moe, ep_size, cuda=cuda, layer_pattern=r"layers\.\d+\.mlp"), **extra}
+    ep = {**autoep_section(k, routing, ep_size, cuda=cuda, layer_pattern=r"layers\.\d+\.mlp"), **extra}
     config = {"train_batch_size": 2, "expert_parallel": ep}
     engine, *_ = deepspeed.initialize(model=Decoder(block), config=config)
     layer = engine.module.layers[0].mlp
