@@ -4,7 +4,7 @@
 #   bash bench/gpu_checks.sh --build-wheelhouse   # here, with network: wheels the GPU machine lacks
 #   bash bench/gpu_checks.sh                      # there: install them, GPU tests, both benchmarks
 #
-# The GPU machine (DESIGN section 5) has torch, CUDA, Triton, tokenizers and tensorboard but no
+# The lent GPU machine (docs/performance.md, "GPU checks") has torch, CUDA, Triton, tokenizers and tensorboard but no
 # DeepSpeed and no network, so DeepSpeed and its small pure-Python dependencies travel as wheels in
 # wheelhouse/ (carry it). Tables go to stdout and, with the raw rows, to $OUT (default gpu_out/).
 set -euo pipefail
@@ -33,7 +33,7 @@ python -c "import torch, deepspeed; print('torch', torch.__version__, 'deepspeed
 echo "== GPU tests"
 python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_moe_block.py 2>&1 | tail -8 \
     | tee "$OUT/tests.txt"
-echo "== MoE layer, forward+backward (DESIGN section 6 sizes)"
+echo "== MoE layer, forward+backward (GPU sizes: H=2048, F=8192, 8192 tokens, bf16)"
 python bench/moe_layer.py --gpu --json "$OUT/moe_layer.json" 2>&1 | grep -v "WARNING\|INFO" \
     | tee "$OUT/moe_layer.txt"
 echo "== training steps, ~1B active parameters, bf16"

@@ -1,7 +1,7 @@
 """Forward+backward cost of one upcycled MoE layer against the dense SwiGLU MLP it came from, same run.
 
     python bench/moe_layer.py            # CPU: small sizes (H=256, F=1024, 2048 tokens, fp32)
-    python bench/moe_layer.py --gpu      # GPU: H=2048, F=8192, 8192 tokens, bf16 (DESIGN section 6)
+    python bench/moe_layer.py --gpu      # GPU: H=2048, F=8192, 8192 tokens, bf16 (the performance issue's sizes)
     torchrun --nproc_per_node 2 bench/moe_layer.py   # expert parallelism: AutoEP at EP = world size
 
 Variants per (N, K, G) setting, all on the same tokens:
@@ -65,7 +65,7 @@ def autoep_layer(block: MoEBlock, fast: bool, device, dtype, ep_size: int = 1) -
     import deepspeed
 
     from pipeline.fast_ep import install_fast_path
-    from pipeline.train import autoep_section
+    from pipeline.ds_adapter import autoep_section
 
     section = autoep_section(block.top_k, block.routing, ep_size=ep_size, cuda=device.type == "cuda")
     engine, *_ = deepspeed.initialize(model=OneLayerModel(block),

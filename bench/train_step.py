@@ -85,7 +85,7 @@ def deepspeed_step(model, config: ModelConfig, batch: int, gpu: bool, fast: bool
 
     from pipeline.fast_ep import install_fast_path
     from pipeline.run_config import RunConfig
-    from pipeline.train import build_ds_config
+    from pipeline.ds_adapter import build_ds_config
 
     cfg = RunConfig()
     cfg.train.global_batch = cfg.train.micro_batch = batch

@@ -1,17 +1,30 @@
 """`upcycle prep ...`: corpus, tokenizer, tokenize and stats stages.
 
-`add_parser(subparsers)` is wired into the top-level `upcycle` CLI, which imports only this module when
-the command is `prep`; `main(argv)` and `python -m data_prep.cli prep ...` run that same CLI.
+`add_parser(subparsers)` is wired into the top-level `upcycle` CLI (pipeline.cli), which imports only
+this module when the command is `prep`. `main(argv)` and `python -m data_prep.cli [prep] STAGE ...` run
+the same stages without the training package: data_prep never imports `pipeline` (docs/design.md §7).
 """
+
 from __future__ import annotations
 
+import argparse
 import sys
+
+from data_prep.errors import UserError
+
+DESCRIPTION = "Data preparation stages (each separable and resumable)."
 
 
 def add_parser(subparsers) -> None:
     """Add the `prep` command with its sub-commands to an argparse subparsers object."""
-    prep = subparsers.add_parser("prep", help="prepare training data: corpus, tokenizer, token shards",
-                                 description="Data preparation stages (each separable and resumable).")
+    prep = subparsers.add_parser(
+        "prep", help="prepare training data: corpus, tokenizer, token shards", description=DESCRIPTION
+    )
+    add_stages(prep)
+
+
+def add_stages(prep: argparse.ArgumentParser) -> None:
+    """Add the stages (corpus, tokenizer, tokenize, stats) to the `prep` parser."""
     sub = prep.add_subparsers(dest="prep_command", required=True, metavar="STAGE")
 
     p = sub.add_parser("corpus", help="write the embedded default corpus (the Python stdlib) as JSONL")
@@ -20,8 +33,9 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=cmd_corpus)
 
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer with an <|endoftext|> token")
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
-                   help="JSONL/Parquet/text files")
+    p.add_argument(
+        "--input", nargs="+", required=True, metavar="PATH_OR_GLOB", help="JSONL/Parquet/text files"
+    )
     p.add_argument("--text-key", default="text", help="field holding the document text (default: text)")
     p.add_argument("--vocab-size", type=int, required=True)
     p.add_argument("--out", required=True, help="directory for tokenizer.json and tokenizer_config.json")
@@ -29,8 +43,13 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=cmd_tokenizer)
 
     p = sub.add_parser("tokenize", help="tokenize corpora into Megatron .bin/.idx shards (resumable)")
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH_OR_GLOB",
-                   help="JSONL (.gz), Parquet or text files, directories or globs")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        required=True,
+        metavar="PATH_OR_GLOB",
+        help="JSONL (.gz), Parquet or text files, directories or globs",
+    )
     p.add_argument("--tokenizer", required=True, help="tokenizer.json or a directory holding it")
     p.add_argument("--out", required=True, help="output directory (rerun with the same arguments to resume)")
     p.add_argument("--text-key", default="text", help="field holding the document text (default: text)")
@@ -38,8 +57,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents for valid")
     p.add_argument("--seed", type=int, default=1234, help="seed of the train/valid split")
     p.add_argument("--shard-tokens", type=int, default=50_000_000, help="tokens per shard step")
-    p.add_argument("--max-doc-chars", type=int, default=10_000_000,
-                   help="documents longer than this are skipped and counted (default: 10M)")
+    p.add_argument(
+        "--max-doc-chars",
+        type=int,
+        default=10_000_000,
+        help="documents longer than this are skipped and counted (default: 10M)",
+    )
     p.add_argument("--eod-token", default=None, help="end-of-document token, if the tokenizer has no eos")
     p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping")
     p.add_argument("--overwrite", action="store_true", help="discard a previous run in --out")
@@ -86,10 +109,19 @@ def cmd_tokenize(args) -> int:
     from data_prep.tokenize_stage import TokenizeConfig, run_tokenize
 
     cfg = TokenizeConfig(
-        inputs=args.input, tokenizer=args.tokenizer, out=args.out, text_key=args.text_key,
-        workers=args.workers, valid_fraction=args.valid_fraction, seed=args.seed,
-        shard_tokens=args.shard_tokens, max_doc_chars=args.max_doc_chars, eod_token=args.eod_token,
-        strict=args.strict, overwrite=args.overwrite, progress=False if args.no_progress else None,
+        inputs=args.input,
+        tokenizer=args.tokenizer,
+        out=args.out,
+        text_key=args.text_key,
+        workers=args.workers,
+        valid_fraction=args.valid_fraction,
+        seed=args.seed,
+        shard_tokens=args.shard_tokens,
+        max_doc_chars=args.max_doc_chars,
+        eod_token=args.eod_token,
+        strict=args.strict,
+        overwrite=args.overwrite,
+        progress=False if args.no_progress else None,
     )
     run_tokenize(cfg)
     return 0
@@ -103,10 +135,18 @@ def cmd_stats(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`upcycle prep ...` (argv starts with "prep"); UserError -> message on stderr, exit 2."""
-    from pipeline.cli import main as upcycle_main
-
-    return upcycle_main(argv)
+    """`upcycle prep STAGE ...` (argv may start with "prep"); UserError -> message on stderr, exit 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["prep"]:
+        argv = argv[1:]
+    parser = argparse.ArgumentParser(prog="upcycle prep", description=DESCRIPTION)
+    add_stages(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UserError as exc:
+        print(f"upcycle {args.command_label}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ Each `.py` file of the standard library (source and docstrings; site-packages ex
 JSONL document `{"text": ..., "source": "relative/path.py"}`, in sorted path order, so the output is
 the same on every run with the same Python. It is tens of MB: enough for demos, tests and benchmarks.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -12,7 +13,7 @@ import os
 import sysconfig
 from collections.abc import Iterator
 
-from pipeline.errors import UserError
+from data_prep.errors import UserError
 
 
 def stdlib_documents(max_bytes: int | None = None) -> Iterator[dict]:

@@ -1,4 +1,4 @@
-"""Megatron's memory-mapped indexed format (`.bin` + `.idx`), as specified in DESIGN.md section 4.
+"""Megatron's memory-mapped indexed format (`.bin` + `.idx`), as specified in docs/design.md §5.
 
 `.bin` holds the token arrays of all documents back to back. `.idx` (little-endian):
 
@@ -13,6 +13,7 @@
 
 These files are read unchanged by Megatron-LM's and NeMo's `IndexedDataset`.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,6 +22,8 @@ import struct
 from dataclasses import dataclass
 
 import numpy as np
+
+from data_prep.fileio import fsync_dir
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -83,10 +86,11 @@ def read_index(path: str) -> IndexInfo:
 
 
 class ShardFile:
-    """One `.bin`/`.idx` pair being written: append documents, then `finish()` publishes it atomically.
+    """One `.bin`/`.idx` pair being written: append documents, `seal()`, then `publish()`.
 
-    Data goes to `<prefix>.bin.tmp` / `<prefix>.idx.tmp`; `finish()` fsyncs both and renames them, so a
-    crash never leaves a half-written shard under its final name.
+    Data goes to `<prefix>.bin.tmp` / `<prefix>.idx.tmp`; `seal()` fsyncs both, `publish()` renames them
+    to their final names, so a crash never leaves a half-written shard under its final name. The two
+    are separate so that the caller can act (record, inject a fault) between them.
     """
 
     def __init__(self, prefix: str, dtype: np.dtype):
@@ -109,8 +113,8 @@ class ShardFile:
         self.documents += int(lengths.size)
         self.tokens += int(buf.size)
 
-    def finish(self, kill_hook=None) -> dict:
-        """fsync, write the index, rename to the final names; returns the shard's manifest record."""
+    def seal(self) -> dict:
+        """fsync the `.bin.tmp`, write and fsync the `.idx.tmp`; returns the shard's manifest record."""
         lengths = np.concatenate(self._lengths) if self._lengths else np.zeros(0, np.int64)
         self._bin.flush()
         os.fsync(self._bin.fileno())
@@ -120,11 +124,6 @@ class ShardFile:
             f.write(idx)
             f.flush()
             os.fsync(f.fileno())
-        if kill_hook:
-            kill_hook("before_rename")
-        os.replace(self.prefix + ".bin.tmp", self.prefix + ".bin")
-        os.replace(self.prefix + ".idx.tmp", self.prefix + ".idx")
-        fsync_dir(os.path.dirname(self.prefix) or ".")
         name = os.path.basename(self.prefix)
         return {
             "prefix": name,
@@ -137,26 +136,18 @@ class ShardFile:
             "idx_sha256": hashlib.sha256(idx).hexdigest(),
         }
 
+    def publish(self) -> None:
+        """Rename the sealed temporary files to `<prefix>.bin` / `<prefix>.idx` and fsync the directory."""
+        os.replace(self.prefix + ".bin.tmp", self.prefix + ".bin")
+        os.replace(self.prefix + ".idx.tmp", self.prefix + ".idx")
+        fsync_dir(os.path.dirname(self.prefix) or ".")
+
     def abort(self) -> None:
         """Close and remove the temporary files."""
         self._bin.close()
         for ext in (".bin.tmp", ".idx.tmp"):
             if os.path.exists(self.prefix + ext):
                 os.remove(self.prefix + ext)
-
-
-def fsync_dir(path: str) -> None:
-    """fsync a directory so renames inside it survive a power loss (no-op where unsupported)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def sha256_file(path: str, block: int = 1 << 22) -> str:
@@ -180,8 +171,10 @@ class MMapShard:
         else:
             self.tokens = np.memmap(prefix + ".bin", dtype=self.index.dtype.newbyteorder("<"), mode="r")
         if int(self.index.lengths.sum()) != self.tokens.size:
-            raise ValueError(f"{prefix}.bin holds {self.tokens.size} tokens but its .idx says "
-                             f"{int(self.index.lengths.sum())}")
+            raise ValueError(
+                f"{prefix}.bin holds {self.tokens.size} tokens but its .idx says "
+                f"{int(self.index.lengths.sum())}"
+            )
 
     def __len__(self) -> int:
         return int(self.index.lengths.size)
@@ -189,4 +182,4 @@ class MMapShard:
     def document(self, i: int) -> np.ndarray:
         """Tokens of document i."""
         start = int(self.index.pointers[i]) // self.index.dtype.itemsize
-        return np.asarray(self.tokens[start:start + int(self.index.lengths[i])])
+        return np.asarray(self.tokens[start : start + int(self.index.lengths[i])])

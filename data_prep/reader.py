@@ -11,40 +11,32 @@ time (k + 0.5) / w_d, which keeps each within one sample of its share, like Mega
 every global sample to a dataset and to that dataset's own running sample index, which wraps into
 further epochs of that dataset.
 """
-from __future__ import annotations
 
-import json
-import os
+from __future__ import annotations
 
 import numpy as np
 import torch
 
+from data_prep.errors import UserError
 from data_prep.indexed import MMapShard
-from data_prep.tokenize_stage import MANIFEST_FILE
-from pipeline.errors import UserError
+from data_prep.manifest import read_manifest
 
 
 class _SplitStream:
     """The token stream of one split of one prepared directory, across its shards."""
 
     def __init__(self, path: str, split: str, seq_len: int):
-        manifest_path = os.path.join(path, MANIFEST_FILE)
-        if not os.path.isfile(manifest_path):
-            raise UserError(f"{path}: not a prepared data directory (no {MANIFEST_FILE}); "
-                            "run `upcycle prep tokenize --out DIR` first")
-        with open(manifest_path, encoding="utf-8") as f:
-            self.manifest = json.load(f)
-        if split not in self.manifest["splits"]:
-            raise UserError(f"{path}: unknown split {split!r}; it has {', '.join(self.manifest['splits'])}")
-        records = self.manifest["splits"][split]["shards"]
-        self.shards = [MMapShard(os.path.join(path, s["prefix"])) for s in records]
+        self.manifest = read_manifest(path)
+        self.shards = [MMapShard(prefix) for prefix in self.manifest.shard_prefixes(split)]
         sizes = np.array([s.tokens.size for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # start of each shard in the stream
         self.total = int(self.offsets[-1])
         self.windows = max(0, (self.total - 1) // seq_len)
         if self.windows == 0:
-            raise UserError(f"{path}: the {split} split has {self.total} tokens, too few for one window of "
-                            f"seq_len {seq_len} + 1; prepare more data or lower seq_len")
+            raise UserError(
+                f"{path}: the {split} split has {self.total} tokens, too few for one window of "
+                f"seq_len {seq_len} + 1; prepare more data or lower seq_len"
+            )
 
     def tokens(self, start: int, length: int) -> np.ndarray:
         """`length` tokens of the stream from `start`, as int64, crossing shard boundaries if needed."""
@@ -55,7 +47,7 @@ class _SplitStream:
             shard = self.shards[s].tokens
             local = pos - int(self.offsets[s])
             take = min(length - filled, shard.size - local)
-            out[filled:filled + take] = shard[local:local + take]
+            out[filled : filled + take] = shard[local : local + take]
             filled += take
             pos += take
             s += 1
@@ -69,8 +61,9 @@ class PackedTokenDataset:
     `sample(i)` accepts any i >= 0 and wraps into new, differently shuffled epochs.
     """
 
-    def __init__(self, paths: list[str], split: str, seq_len: int, seed: int,
-                 weights: list[float] | None = None):
+    def __init__(
+        self, paths: list[str], split: str, seq_len: int, seed: int, weights: list[float] | None = None
+    ):
         if isinstance(paths, str):
             paths = [paths]
         if not paths:
@@ -81,11 +74,14 @@ class PackedTokenDataset:
         self.streams = [_SplitStream(p, split, seq_len) for p in paths]
         first = self.streams[0].manifest
         for p, st in zip(paths[1:], self.streams[1:], strict=True):
-            if st.manifest["tokenizer"]["sha256"] != first["tokenizer"]["sha256"]:
-                raise UserError(f"{p}: prepared with a different tokenizer than {paths[0]}; "
-                                "blended datasets must share one tokenizer")
-        self.vocab_size = int(first["vocab_size"])
-        self.eod_id = int(first["eod_id"])
+            if st.manifest.tokenizer["sha256"] != first.tokenizer["sha256"]:
+                raise UserError(
+                    f"{p}: prepared with a different tokenizer than {paths[0]}; "
+                    "blended datasets must share one tokenizer"
+                )
+        self.tokenizer = first.tokenizer  # the manifest's tokenizer record, shared by every dataset
+        self.vocab_size = first.vocab_size
+        self.eod_id = first.eod_id
         self.weights = self._normalise(weights, len(paths))
         self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
         self._blend = self._build_blend() if len(paths) > 1 else None
@@ -162,13 +158,20 @@ class DistributedBatches:
     checkpoint; a new iterator built with it yields exactly the batches that would have followed.
     """
 
-    def __init__(self, dataset: PackedTokenDataset, global_batch: int, dp_rank: int, dp_size: int,
-                 consumed_samples: int = 0):
+    def __init__(
+        self,
+        dataset: PackedTokenDataset,
+        global_batch: int,
+        dp_rank: int,
+        dp_size: int,
+        consumed_samples: int = 0,
+    ):
         if dp_size < 1 or not 0 <= dp_rank < dp_size:
             raise UserError(f"dp_rank {dp_rank} / dp_size {dp_size}: need 0 <= rank < size")
         if global_batch < dp_size or global_batch % dp_size:
-            raise UserError(f"global batch {global_batch} is not a multiple of the data-parallel "
-                            f"size {dp_size}")
+            raise UserError(
+                f"global batch {global_batch} is not a multiple of the data-parallel size {dp_size}"
+            )
         self.dataset = dataset
         self.global_batch = global_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size

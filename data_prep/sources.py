@@ -11,6 +11,7 @@ Every non-blank line (JSONL), row (Parquet) or file (text) is one *record* with 
 input order; bad records keep their index, so skipping one never shifts the train/valid split of the
 others, and a resumed run can restart at any record index.
 """
+
 from __future__ import annotations
 
 import glob
@@ -20,16 +21,27 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from data_prep.errors import UserError
 from data_prep.indexed import sha256_file
-from pipeline.errors import UserError
 
 FORMATS = {
-    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
     ".parquet": "parquet",
-    ".txt": "text", ".md": "text", ".text": "text",
+    ".txt": "text",
+    ".md": "text",
+    ".text": "text",
 }
-SKIP_REASONS = ("malformed_json", "missing_key", "not_string", "empty", "invalid_utf8", "too_long",
-                "unreadable")
+SKIP_REASONS = (
+    "malformed_json",
+    "missing_key",
+    "not_string",
+    "empty",
+    "invalid_utf8",
+    "too_long",
+    "unreadable",
+)
 
 
 @dataclass
@@ -65,8 +77,11 @@ def expand_inputs(patterns: list[str]) -> list[InputFile]:
     files: list[InputFile] = []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            matches = sorted(p for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
-                             if os.path.isfile(p) and file_format(p))
+            matches = sorted(
+                p
+                for p in glob.glob(os.path.join(pattern, "**", "*"), recursive=True)
+                if os.path.isfile(p) and file_format(p)
+            )
         elif glob.has_magic(pattern):
             matches = sorted(p for p in glob.glob(pattern, recursive=True) if not os.path.isdir(p))
         else:
@@ -80,8 +95,10 @@ def expand_inputs(patterns: list[str]) -> list[InputFile]:
             seen.add(path)
             fmt = file_format(path)
             if fmt is None:
-                raise UserError(f"--input {path}: unknown file type; expected one of "
-                                f"{', '.join(sorted(FORMATS))} (optionally .gz)")
+                raise UserError(
+                    f"--input {path}: unknown file type; expected one of "
+                    f"{', '.join(sorted(FORMATS))} (optionally .gz)"
+                )
             files.append(InputFile(path, fmt))
     return files
 
@@ -107,8 +124,9 @@ class RecordReader:
     called with a message naming the file and line. `bytes_done` follows progress through the inputs.
     """
 
-    def __init__(self, files: list[InputFile], text_key: str, max_doc_chars: int,
-                 warn: Callable[[str, str], None]):
+    def __init__(
+        self, files: list[InputFile], text_key: str, max_doc_chars: int, warn: Callable[[str, str], None]
+    ):
         self.files = files
         self.text_key = text_key
         self.max_doc_chars = max_doc_chars
@@ -133,8 +151,9 @@ class RecordReader:
                     index += 1
             except (OSError, EOFError, ValueError) as exc:
                 # A truncated .gz or corrupt Parquet: report it, keep what was read, go on.
-                self.warn("unreadable", f"{f.path}: read error after record {index} ({exc}); "
-                          "rest of file skipped")
+                self.warn(
+                    "unreadable", f"{f.path}: read error after record {index} ({exc}); rest of file skipped"
+                )
                 yield index, fi, None, "unreadable"
                 index += 1
             self.bytes_done = base_bytes + (f.size or 0)

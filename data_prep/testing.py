@@ -1,13 +1,16 @@
 """Small deterministic corpora and tokenizers for tests and demos (no download, under a second to build)."""
+
 from __future__ import annotations
 
 import json
 import os
 import random
 
-WORDS = ("the of and to in is was for on that with as by at from his her an were are which this be "
-         "expert router token layer weight gradient upcycle dense sparse mixture model data shard "
-         "café naïve 東京 データ 🙂 résumé").split()
+WORDS = (
+    "the of and to in is was for on that with as by at from his her an were are which this be "
+    "expert router token layer weight gradient upcycle dense sparse mixture model data shard "
+    "café naïve 東京 データ 🙂 résumé"
+).split()
 
 
 def make_documents(n: int, seed: int = 0, max_words: int = 200) -> list[str]:

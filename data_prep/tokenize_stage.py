@@ -9,8 +9,14 @@ valid) reach `--shard-tokens`, and produces `train_NNNNN` and `valid_NNNNN` (a s
 in that step gets no file). Because both splits end at the same record, one record index says exactly
 where a resumed run restarts. A step is published by: write `*.tmp`, fsync, rename, then record it in
 `.prep_state.json` (temp file + os.replace). A rerun verifies the recorded shards (size, sha256) and
-continues from the step's end record, so no document is lost or written twice.
+continues from the step's end record, so no document is lost or written twice. `manifest.json`
+(data_prep.manifest) is written last, when every step is recorded.
+
+Fault points (data_prep.faults, docs/design.md §7), once per step: `prep.before_rename` (the step's
+`.bin.tmp`/`.idx.tmp` are written and fsynced, none renamed), `prep.after_rename` (the shards are in
+place, the state does not record the step yet), `prep.after_state` (the state records the step).
 """
+
 from __future__ import annotations
 
 import json
@@ -24,18 +30,27 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from data_prep.indexed import ShardFile, choose_dtype, fsync_dir, sha256_file
+from data_prep.errors import UserError
+from data_prep.faults import fault_point
+from data_prep.fileio import write_atomically
+from data_prep.indexed import ShardFile, choose_dtype, sha256_file
+from data_prep.manifest import (
+    MANIFEST_FILE,
+    SPLITS,
+    Manifest,
+    build_manifest,
+    manifest_path,
+    read_manifest,
+    tokenizer_record,
+    write_manifest,
+)
 from data_prep.sources import SKIP_REASONS, InputFile, RecordReader, expand_inputs, fingerprint
 from data_prep.tokenizer import TokenizerInfo, load_tokenizer
-from pipeline.errors import UserError
 
 STATE_FILE = ".prep_state.json"
-MANIFEST_FILE = "manifest.json"
-SPLITS = ("train", "valid")
 CHUNK_CHARS = 1 << 20  # text per worker task: big enough to amortise IPC, small enough to stream
 CHUNK_DOCS = 4096
 WARN_LIMIT = 20  # printed warnings per reason per run; all are counted
-KILL_ENV = "UPCYCLE_PREP_KILL"  # test hook: "<point>:<step>" makes the process SIGKILL itself there
 
 
 @dataclass
@@ -105,7 +120,7 @@ def encode_chunk(tokenizer, texts: list[str], eod_id: int, dtype: str) -> tuple[
     out[ends - 1] = eod_id
     off = 0
     for x, end in zip(ids, ends, strict=True):
-        out[off:end - 1] = x
+        out[off : end - 1] = x
         off = int(end)
     return out, lengths, failed
 
@@ -145,8 +160,11 @@ class Counters:
     COLUMNS = ("documents",) + SKIP_REASONS
 
     def __init__(self, n_files: int, table: list | None = None):
-        self.table = np.array(table, dtype=np.int64) if table is not None else np.zeros(
-            (n_files, len(self.COLUMNS)), np.int64)
+        self.table = (
+            np.array(table, dtype=np.int64)
+            if table is not None
+            else np.zeros((n_files, len(self.COLUMNS)), np.int64)
+        )
 
     def add_docs(self, files: np.ndarray) -> None:
         np.add.at(self.table[:, 0], files, 1)
@@ -167,29 +185,11 @@ class Counters:
 
 
 # ---------------------------------------------------------------------------------------------- state
-def _write_json_atomic(path: str, obj: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(path) or ".")
-
-
-def _kill_hook(point: str, step: int) -> None:
-    """Test hook: SIGKILL ourselves at `point` of step `step` when UPCYCLE_PREP_KILL asks for it."""
-    want = os.environ.get(KILL_ENV)
-    if want and want == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _settings(cfg: TokenizeConfig, files: list[InputFile], tok: TokenizerInfo, dtype: np.dtype) -> dict:
     """Everything the output depends on; a resumed run must match it exactly."""
     return {
         "inputs": [f.record() for f in files],
-        "tokenizer": {"path": tok.path, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                      "eod_id": tok.eod_id, "eod_token": tok.eod_token},
+        "tokenizer": tokenizer_record(tok),
         "dtype": dtype.name,
         "text_key": cfg.text_key,
         "valid_fraction": cfg.valid_fraction,
@@ -211,19 +211,27 @@ def _verify_steps(out: str, steps: list[dict]) -> None:
     for step in steps:
         for shard in step["shards"].values():
             path = os.path.join(out, shard["bin"])
-            ok = (os.path.isfile(path) and os.path.getsize(path) == shard["bin_bytes"]
-                  and os.path.isfile(os.path.join(out, shard["idx"]))
-                  and sha256_file(path) == shard["sha256"])
+            ok = (
+                os.path.isfile(path)
+                and os.path.getsize(path) == shard["bin_bytes"]
+                and os.path.isfile(os.path.join(out, shard["idx"]))
+                and sha256_file(path) == shard["sha256"]
+            )
             if not ok:
-                raise UserError(f"{path}: shard recorded as complete is missing or changed; "
-                                "rerun with --overwrite to start again")
+                raise UserError(
+                    f"{path}: shard recorded as complete is missing or changed; "
+                    "rerun with --overwrite to start again"
+                )
 
 
 def _clean_out_dir(out: str) -> None:
     """Remove our own files (shards, temp files, state, manifest) from a previous run."""
     for name in os.listdir(out):
-        if name in (STATE_FILE, MANIFEST_FILE) or name.endswith(".tmp") or (
-                name.startswith(SPLITS) and name.endswith((".bin", ".idx"))):
+        if (
+            name in (STATE_FILE, MANIFEST_FILE)
+            or name.endswith(".tmp")
+            or (name.startswith(SPLITS) and name.endswith((".bin", ".idx")))
+        ):
             os.remove(os.path.join(out, name))
 
 
@@ -231,8 +239,9 @@ def _clean_out_dir(out: str) -> None:
 class _Run:
     """One invocation of the stage: holds the state, the open step and the counters."""
 
-    def __init__(self, cfg: TokenizeConfig, files: list[InputFile], tok: TokenizerInfo, dtype: np.dtype,
-                 state: dict):
+    def __init__(
+        self, cfg: TokenizeConfig, files: list[InputFile], tok: TokenizerInfo, dtype: np.dtype, state: dict
+    ):
         self.cfg, self.files, self.tok, self.dtype, self.state = cfg, files, tok, dtype, state
         self.counters = Counters(len(files), state.get("counters"))
         self.open: dict[str, ShardFile] = {}
@@ -262,24 +271,24 @@ class _Run:
     def close_step(self, end_record: int) -> None:
         """Publish the open shards and record the step (with counters up to end_record) in the state."""
         step = len(self.state["steps"])
-
-        def hook(point: str) -> None:
-            _kill_hook(point, step)
-
-        shards = {split: self.open[split].finish(hook) for split in SPLITS if split in self.open}
-        _kill_hook("after_rename", step)
+        open_shards = [(split, self.open[split]) for split in SPLITS if split in self.open]
+        shards = {split: shard.seal() for split, shard in open_shards}
+        fault_point("prep.before_rename", step)
+        for _, shard in open_shards:
+            shard.publish()
+        fault_point("prep.after_rename", step)
         self.open = {}
         self.step_tokens = 0
         self.state["steps"].append({"end_record": end_record, "shards": shards})
         self.state["counters"] = self.counters.table.tolist()
         self._save_state()
-        _kill_hook("after_state", step)
+        fault_point("prep.after_state", step)
 
     def _save_state(self) -> None:
         now = time.perf_counter()
         self.state["seconds"] = self.state.get("seconds", 0.0) + (now - self.t_mark)
         self.t_mark = now
-        _write_json_atomic(os.path.join(self.cfg.out, STATE_FILE), self.state)
+        write_atomically(os.path.join(self.cfg.out, STATE_FILE), json.dumps(self.state, indent=1))
 
     # -- consuming tokenized chunks
     def consume(self, chunk: Chunk, tokens: np.ndarray, lengths: np.ndarray, failed: list[int]) -> None:
@@ -291,8 +300,11 @@ class _Run:
             keep = np.ones(len(doc_rec), bool)
             keep[failed] = False
             for i in failed:
-                self.warn("invalid_utf8", f"{self.files[doc_file[i]].path}: record {doc_rec[i]}: "
-                                          "the tokenizer rejected the text; skipped")
+                self.warn(
+                    "invalid_utf8",
+                    f"{self.files[doc_file[i]].path}: record {doc_rec[i]}: "
+                    "the tokenizer rejected the text; skipped",
+                )
                 bad.append((int(doc_rec[i]), int(doc_file[i]), "invalid_utf8"))
             doc_rec, doc_file = doc_rec[keep], doc_file[keep]
         bad.sort()
@@ -302,7 +314,7 @@ class _Run:
         while lo < len(doc_rec):
             # the first document at which this step reaches shard_tokens
             need = self.cfg.shard_tokens - self.step_tokens
-            hi = int(np.searchsorted(starts[lo + 1:] - starts[lo], need)) + lo + 1
+            hi = int(np.searchsorted(starts[lo + 1 :] - starts[lo], need)) + lo + 1
             hi = min(hi, len(doc_rec))
             self._write_docs(tokens, starts, lo, hi, is_valid)
             self.counters.add_docs(doc_file[lo:hi])
@@ -316,8 +328,8 @@ class _Run:
         self.counters.add_bad(bad)
 
     def _write_docs(self, tokens, starts, lo: int, hi: int, is_valid: np.ndarray) -> None:
-        seg_lengths = starts[lo + 1:hi + 1] - starts[lo:hi]
-        seg_tokens = tokens[starts[lo]:starts[hi]]
+        seg_lengths = starts[lo + 1 : hi + 1] - starts[lo:hi]
+        seg_tokens = tokens[starts[lo] : starts[hi]]
         seg_valid = is_valid[lo:hi]
         for split, mask in (("train", ~seg_valid), ("valid", seg_valid)):
             if not mask.any():
@@ -359,27 +371,30 @@ def _read_chunks(reader: RecordReader, start: int):
 def _load_or_start_state(cfg: TokenizeConfig, settings: dict) -> dict | None:
     """The state to continue from (verified), a fresh one, or None when the output is already complete."""
     state_path = os.path.join(cfg.out, STATE_FILE)
-    manifest_path = os.path.join(cfg.out, MANIFEST_FILE)
     if cfg.overwrite:
         _clean_out_dir(cfg.out)
+    has_manifest = os.path.isfile(manifest_path(cfg.out))
     if os.path.isfile(state_path):
         with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
         if state["settings"] != settings:
             key = _first_difference(state["settings"], settings)
-            raise UserError(f"{cfg.out} holds a run with different settings ('{key}' differs); rerun "
-                            "with the same inputs and flags to resume, or pass --overwrite to start again")
+            raise UserError(
+                f"{cfg.out} holds a run with different settings ('{key}' differs); rerun "
+                "with the same inputs and flags to resume, or pass --overwrite to start again"
+            )
         _verify_steps(cfg.out, state["steps"])
-        if state.get("complete") and os.path.isfile(manifest_path):
+        if state.get("complete") and has_manifest:
             return None
         return state
-    if os.path.isfile(manifest_path) or any(n.startswith(SPLITS) for n in os.listdir(cfg.out)):
-        raise UserError(f"--out {cfg.out}: holds shards but no {STATE_FILE}; pass --overwrite or use "
-                        "an empty directory")
+    if has_manifest or any(n.startswith(SPLITS) for n in os.listdir(cfg.out)):
+        raise UserError(
+            f"--out {cfg.out}: holds shards but no {STATE_FILE}; pass --overwrite or use an empty directory"
+        )
     return {"settings": settings, "steps": [], "counters": None, "seconds": 0.0, "complete": False}
 
 
-def run_tokenize(cfg: TokenizeConfig) -> dict:
+def run_tokenize(cfg: TokenizeConfig) -> Manifest:
     """Run (or resume) the stage; returns the manifest, which is also written to OUT/manifest.json."""
     if not 0.0 <= cfg.valid_fraction <= 1.0:
         raise UserError(f"--valid-fraction {cfg.valid_fraction}: must be between 0 and 1")
@@ -397,9 +412,8 @@ def run_tokenize(cfg: TokenizeConfig) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     state = _load_or_start_state(cfg, _settings(cfg, files, tok, dtype))
     if state is None:
-        _echo(f"{cfg.out}: already complete (manifest.json); nothing to do")
-        with open(os.path.join(cfg.out, MANIFEST_FILE), encoding="utf-8") as f:
-            return json.load(f)
+        _echo(f"{cfg.out}: already complete ({MANIFEST_FILE}); nothing to do")
+        return read_manifest(cfg.out)
     for name in os.listdir(cfg.out):
         if name.endswith(".tmp"):  # leftovers of a killed run
             os.remove(os.path.join(cfg.out, name))
@@ -421,13 +435,21 @@ def _tokenize_records(run: _Run, start: int) -> int:
     cfg = run.cfg
     reader = RecordReader(run.files, cfg.text_key, cfg.max_doc_chars, run.warn)
     total_bytes = sum(f.size or 0 for f in run.files)
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="tokenize", file=sys.stderr,
-               disable=None if cfg.progress is None else not cfg.progress)
+    bar = tqdm(
+        total=total_bytes,
+        unit="B",
+        unit_scale=True,
+        desc="tokenize",
+        file=sys.stderr,
+        disable=None if cfg.progress is None else not cfg.progress,
+    )
     pending: deque = deque()
     end = start
     dtype = run.dtype.name
-    with ProcessPoolExecutor(cfg.workers, mp_context=_mp_context(), initializer=_init_worker,
-                             initargs=(run.tok.json_text,)) as pool:
+    with ProcessPoolExecutor(
+        cfg.workers, mp_context=_mp_context(), initializer=_init_worker, initargs=(run.tok.json_text,)
+    ) as pool:
+
         def drain_one():
             chunk, fut = pending.popleft()
             run.consume(chunk, *fut.result())
@@ -453,78 +475,24 @@ def _mp_context():
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-def _finish(run: _Run) -> dict:
+def _finish(run: _Run) -> Manifest:
     """Write the manifest, mark the state complete, print the stats table."""
-    state = run.state
-    manifest = build_manifest(run.cfg, run.files, state, run.counters)
-    _write_json_atomic(os.path.join(run.cfg.out, MANIFEST_FILE), manifest)
+    from data_prep.stats import format_stats
+
+    state, files = run.state, run.files
+    manifest = build_manifest(
+        run.cfg.out,
+        state["settings"],
+        state["steps"],
+        inputs=[dict(f.record(), **run.counters.per_file(i)) for i, f in enumerate(files)],
+        counts=run.counters.totals(),
+        input_bytes=sum(f.size or 0 for f in files),
+        unreadable_files=sum(1 for f in files if f.error),
+        seconds=state.get("seconds", 0.0),
+        workers=run.cfg.workers,
+    )
+    write_manifest(run.cfg.out, manifest)
     state["complete"] = True
     run._save_state()
     print(format_stats(manifest))
     return manifest
-
-
-def build_manifest(cfg: TokenizeConfig, files: list[InputFile], state: dict, counters: Counters) -> dict:
-    """The manifest: inputs, tokenizer, dtype, shards per split, totals and timing."""
-    settings = state["settings"]
-    splits = {}
-    for split in SPLITS:
-        shards = [s["shards"][split] for s in state["steps"] if split in s["shards"]]
-        splits[split] = {"documents": sum(s["documents"] for s in shards),
-                         "tokens": sum(s["tokens"] for s in shards), "shards": shards}
-    totals = counters.totals()
-    totals["tokens"] = sum(s["tokens"] for s in splits.values())
-    totals["input_bytes"] = sum(f.size or 0 for f in files)
-    totals["unreadable_files"] = sum(1 for f in files if f.error)
-    seconds = state.get("seconds", 0.0)
-    inputs = [dict(f.record(), **counters.per_file(i)) for i, f in enumerate(files)]
-    return {
-        "format": "megatron-mmap-indexed",
-        "format_version": 1,
-        "created_by": "upcycle prep tokenize",
-        "inputs": inputs,
-        "tokenizer": settings["tokenizer"],
-        "vocab_size": settings["tokenizer"]["vocab_size"],
-        "eod_id": settings["tokenizer"]["eod_id"],
-        "dtype": settings["dtype"],
-        "text_key": cfg.text_key,
-        "seed": cfg.seed,
-        "valid_fraction": cfg.valid_fraction,
-        "shard_tokens": cfg.shard_tokens,
-        "max_doc_chars": cfg.max_doc_chars,
-        "shard_naming": "{split}_{step:05d}.bin/.idx; a split with no document in a step has no file",
-        "splits": splits,
-        "totals": totals,
-        "timing": {
-            "seconds": round(seconds, 3),
-            "workers": cfg.workers,
-            "mb_per_s": round(totals["input_bytes"] / 1e6 / seconds, 3) if seconds else None,
-            "tokens_per_s": round(totals["tokens"] / seconds, 1) if seconds else None,
-        },
-    }
-
-
-def format_stats(manifest: dict) -> str:
-    """A small fixed-width table: documents, tokens, skipped, MB/s, tokens/s."""
-    t = manifest["totals"]
-    rows = [("split", "documents", "tokens", "shards")]
-    for split, s in manifest["splits"].items():
-        rows.append((split, f"{s['documents']:,}", f"{s['tokens']:,}", str(len(s["shards"]))))
-    rows.append(("total", f"{t['documents']:,}", f"{t['tokens']:,}",
-                 str(sum(len(s["shards"]) for s in manifest["splits"].values()))))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-
-    def fmt(r):
-        cells = zip(r, widths, strict=True)
-        return "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(cells))
-
-    lines = [fmt(r) for r in rows]
-    skipped = {k: v for k, v in t["skipped"].items() if v}
-    lines.append("skipped: " + (", ".join(f"{k}={v:,}" for k, v in skipped.items()) if skipped else "none")
-                 + (f"; unreadable files={t['unreadable_files']}" if t.get("unreadable_files") else ""))
-    tm = manifest["timing"]
-    if tm["seconds"]:
-        lines.append(f"input {t['input_bytes'] / 1e6:,.1f} MB in {tm['seconds']:.1f} s: "
-                     f"{tm['mb_per_s']:.2f} MB/s, {tm['tokens_per_s']:,.0f} tokens/s "
-                     f"({tm['workers']} workers; dtype {manifest['dtype']})")
-    return "\n".join(lines)

@@ -1,4 +1,5 @@
 """Tokenizer loading (with end-of-document detection) and the `prep tokenizer` stage (byte-level BPE)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -7,7 +8,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from pipeline.errors import UserError
+from data_prep.errors import UserError
 
 EOD_TOKEN = "<|endoftext|>"
 # Spellings of an end-of-document/eos token in common tokenizers, most specific first.
@@ -31,8 +32,10 @@ def resolve_tokenizer_file(path: str) -> str:
     if os.path.isdir(path):
         candidate = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(candidate):
-            raise UserError(f"--tokenizer {path}: directory has no tokenizer.json "
-                            "(pass the file itself, or run `upcycle prep tokenizer` to train one)")
+            raise UserError(
+                f"--tokenizer {path}: directory has no tokenizer.json "
+                "(pass the file itself, or run `upcycle prep tokenizer` to train one)"
+            )
         return candidate
     if not os.path.isfile(path):
         raise UserError(f"--tokenizer {path}: no such file or directory")
@@ -77,9 +80,11 @@ def load_tokenizer(path: str, eod_token: str | None = None) -> TokenizerInfo:
             eod_token = next((c for c in EOD_CANDIDATES if c in vocab), None)
             source = "vocabulary"
     if eod_token is None:
-        raise UserError(f"--tokenizer {file}: no end-of-document token found (looked for "
-                        f"{', '.join(EOD_CANDIDATES)} and tokenizer_config.json's eos_token); "
-                        "pass --eod-token TOKEN naming one of its tokens")
+        raise UserError(
+            f"--tokenizer {file}: no end-of-document token found (looked for "
+            f"{', '.join(EOD_CANDIDATES)} and tokenizer_config.json's eos_token); "
+            "pass --eod-token TOKEN naming one of its tokens"
+        )
     if eod_token not in vocab:
         raise UserError(f"{source}: {eod_token!r} is not in the vocabulary of {file}")
     return TokenizerInfo(
@@ -101,8 +106,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: str, show_progress
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     if vocab_size < 257 + 1:
-        raise UserError(f"--vocab-size {vocab_size}: a byte-level BPE needs at least 258 "
-                        "(256 bytes + the end-of-document token + merges)")
+        raise UserError(
+            f"--vocab-size {vocab_size}: a byte-level BPE needs at least 258 "
+            "(256 bytes + the end-of-document token + merges)"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

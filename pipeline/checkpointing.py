@@ -11,7 +11,6 @@ during a save leaves the previous checkpoint as latest.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -20,33 +19,52 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_prep.faults import fault_point
+from data_prep.fileio import write_atomically
 from pipeline.errors import UserError
+from pipeline.run_config import RunConfig
 
-# Settings a checkpoint cannot be resumed under a different value of (DeepSpeed shards by them).
-TOPOLOGY_KEYS = ("parallel.ep_size", "parallel.zero_stage", "world_size")
+LATEST = "latest"
+RUN_STATE = "run_state.json"
+
+
+def topology(cfg: RunConfig, world_size: int) -> dict:
+    """The settings DeepSpeed shards checkpoints by: a resume must keep them."""
+    return {
+        "parallel.ep_size": cfg.parallel.ep_size,
+        "parallel.zero_stage": cfg.parallel.zero_stage,
+        "world_size": world_size,
+    }
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def latest_tag(output_dir: str | Path) -> str | None:
-    path = checkpoint_root(output_dir) / "latest"
+def read_latest(root: str | Path) -> str | None:
+    """The tag the `latest` pointer in a checkpoints folder names; None when there is no pointer.
+
+    The one reader of the pointer (trainer, export, reproduce): it must name a complete checkpoint.
+    """
+    path = Path(root) / LATEST
     if not path.is_file():
         return None
     tag = path.read_text().strip()
-    if not (checkpoint_root(output_dir) / tag / "run_state.json").is_file():
+    if not (Path(root) / tag / RUN_STATE).is_file():
         raise UserError(
-            f"{path} names {tag!r}, which has no run_state.json: the checkpoint directory was "
+            f"{path} names {tag!r}, which has no {RUN_STATE}: the checkpoint directory was "
             "modified by hand; point latest at a complete step_* directory"
         )
     return tag
 
 
-# Test-only fault injection: rank 0 pauses this many seconds inside the save of step
-# UPCYCLE_TEST_PAUSE_IN_SAVE_AT_STEP, after DeepSpeed wrote its files and before run_state.json and `latest`,
-# so that a test can kill -9 the run in the middle of a save. Unset in normal runs.
-PAUSE_STEP_ENV, PAUSE_SECONDS = "UPCYCLE_TEST_PAUSE_IN_SAVE_AT_STEP", 120
+def latest_tag(output_dir: str | Path) -> str | None:
+    """The newest complete checkpoint of a training run's output.dir."""
+    return read_latest(checkpoint_root(output_dir))
+
+
+def read_run_state(step_dir: str | Path) -> dict:
+    return json.loads((Path(step_dir) / RUN_STATE).read_text())
 
 
 def save(engine, output_dir: str | Path, step: int, run_state: dict, keep: int) -> str:
@@ -70,15 +88,12 @@ def save(engine, output_dir: str | Path, step: int, run_state: dict, keep: int) 
             f"{previous or 'no checkpoint'}; free space in {root} (or set output.dir elsewhere) and run the "
             "same command again to resume"
         ) from exc
-    if rank == 0 and os.environ.get(PAUSE_STEP_ENV) == str(step):
-        print(f"test hook: pausing inside the save of {tag}", flush=True)
-        import time
-
-        time.sleep(PAUSE_SECONDS)
+    if rank == 0:
+        fault_point("checkpoint.before_latest", step)
     dist.barrier()
     if rank == 0:
-        _write_atomically(root / tag / "run_state.json", json.dumps(run_state, indent=2))
-        _write_atomically(root / "latest", tag)
+        write_atomically(root / tag / RUN_STATE, json.dumps(run_state, indent=2))
+        write_atomically(root / LATEST, tag)
         _prune(root, keep)
     dist.barrier()
     return tag
@@ -106,7 +121,7 @@ def remove_incomplete(output_dir: str | Path, latest: str | None) -> list[str]:
     """Delete step directories left by a save that never completed (no run_state.json); return their tags."""
     removed = []
     for path in sorted(checkpoint_root(output_dir).glob("step_*")):
-        if path.is_dir() and path.name != latest and not (path / "run_state.json").is_file():
+        if path.is_dir() and path.name != latest and not (path / RUN_STATE).is_file():
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path.name)
     return removed
@@ -118,8 +133,8 @@ def check_topology(output_dir: str | Path, expected: dict) -> str | None:
     if tag is None:
         return None
     path = checkpoint_root(output_dir) / tag
-    saved = json.loads((path / "run_state.json").read_text()).get("topology", {})
-    changed = {k: (saved.get(k), expected[k]) for k in TOPOLOGY_KEYS if saved.get(k) != expected[k]}
+    saved = read_run_state(path).get("topology", {})
+    changed = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
     if changed:
         details = ", ".join(f"{k} was {old} and is now {new}" for k, (old, new) in changed.items())
         raise UserError(
@@ -132,7 +147,7 @@ def check_topology(output_dir: str | Path, expected: dict) -> str | None:
 def load(engine, output_dir: str | Path, tag: str) -> dict:
     """Load DeepSpeed state and this rank's RNG (after `check_topology` accepted the checkpoint)."""
     root = checkpoint_root(output_dir)
-    run_state = json.loads((root / tag / "run_state.json").read_text())
+    run_state = read_run_state(root / tag)
     load_path, _ = engine.load_checkpoint(
         str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
@@ -165,19 +180,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def _prune(root: Path, keep: int) -> None:
     """Delete the oldest complete checkpoints beyond `keep` (never the one `latest` names)."""
     if keep <= 0:
         return
-    tags = sorted(p for p in root.glob("step_*") if (p / "run_state.json").is_file())
+    tags = sorted(p for p in root.glob("step_*") if (p / RUN_STATE).is_file())
     for old in tags[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

@@ -30,9 +30,48 @@ class RopeConfig:
     original_max_position_embeddings: int = 8192
 
 
-@dataclass(frozen=True)
+def _as_field(name: str, value) -> str:
+    return f"moe.{name}={value!r}"
+
+
+def check_moe_shape(num_experts: int, top_k: int, granularity: int, describe=_as_field) -> None:
+    """The virtual-group invariants (docs/design.md §2): N = R*G experts, top-K picks whole groups.
+
+    `describe(field, value)` names a value where the user set it: `moe.top_k=3` for a config.json
+    (the default), `--top-k 3` for the converter's flags. Raises UserError with the first violation.
+    """
+    N, K, G = num_experts, top_k, granularity
+
+    def name(field: str) -> str:
+        return describe(field, {"num_experts": N, "top_k": K, "granularity": G}[field])
+
+    checks = [
+        (G >= 1, f"{name('granularity')}: must be >= 1"),
+        (N >= 1 and K >= 1, f"{name('num_experts')} and {name('top_k')} must be >= 1"),
+        (K <= N, f"{name('top_k')} is larger than {name('num_experts')}"),
+        (
+            N % G == 0,
+            f"{name('num_experts')} is not a multiple of {name('granularity')}: experts come in whole "
+            "copies of the MLP (N = R*G)",
+        ),
+        (
+            K % G == 0,
+            f"{name('top_k')} is not a multiple of {name('granularity')}: top-K must pick whole virtual "
+            "groups (K = m*G)",
+        ),
+    ]
+    problem = next((message for ok, message in checks if not ok), None)
+    if problem:
+        raise UserError(problem)
+
+
+@dataclass(frozen=True, kw_only=True)
 class MoEConfig:
-    """How the MLPs of `layers` were upcycled (DESIGN section 2 notation)."""
+    """How the MLPs of `layers` were upcycled (notation: docs/design.md §1).
+
+    Validates itself on construction (from the converter and from a hand-edited config.json alike);
+    the checks that need the dense config (F == G*I, layers that exist) are in `ModelConfig`.
+    """
 
     num_experts: int  # N = R * G routed experts
     top_k: int  # K = m * G
@@ -43,6 +82,17 @@ class MoEConfig:
     expert_scale: float  # c: up_proj and down_proj were multiplied by sqrt(c)
     router_init_std: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.routing not in ROUTINGS:
+            raise UserError(f"moe.routing={self.routing!r}: expected one of {ROUTINGS}")
+        check_moe_shape(self.num_experts, self.top_k, self.granularity)
+        if self.expert_intermediate_size < 1:
+            raise UserError(f"moe.expert_intermediate_size={self.expert_intermediate_size}: must be >= 1")
+        if not self.layers:
+            raise UserError("moe.layers is empty: an upcycled model has at least one MoE layer")
+        if not self.expert_scale > 0:
+            raise UserError(f"moe.expert_scale={self.expert_scale}: must be > 0")
 
     @property
     def expansion_rate(self) -> int:
@@ -55,13 +105,17 @@ class MoEConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> MoEConfig:
+    def from_dict(cls, d: dict, source: str = "config.json") -> MoEConfig:
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         known["layers"] = tuple(known.get("layers", ()))
-        cfg = cls(**known)
-        if cfg.routing not in ROUTINGS:
-            raise UserError(f"config.json moe.routing={cfg.routing!r}: expected one of {ROUTINGS}")
-        return cfg
+        required = [f for f in ("num_experts", "top_k", "granularity", "routing",
+                                "expert_intermediate_size", "expert_scale") if f not in known]  # fmt: skip
+        if required:
+            raise UserError(f"{source}: the moe section lacks {required}; re-run `upcycle convert`")
+        try:
+            return cls(**known)
+        except UserError as exc:
+            raise UserError(f"{source}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -85,6 +139,21 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     torch_dtype: str = "float32"
     moe: MoEConfig | None = None
+
+    def __post_init__(self) -> None:
+        moe = self.moe
+        if moe is None:
+            return
+        if moe.granularity * moe.expert_intermediate_size != self.intermediate_size:
+            raise UserError(
+                f"moe.granularity={moe.granularity} x moe.expert_intermediate_size="
+                f"{moe.expert_intermediate_size} != intermediate_size={self.intermediate_size} (F = G*I)"
+            )
+        missing = [i for i in moe.layers if not 0 <= i < self.num_hidden_layers]
+        if missing:
+            raise UserError(
+                f"moe.layers {missing} do not exist: the model has {self.num_hidden_layers} layers"
+            )
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer in self.moe.layers
@@ -120,27 +189,31 @@ class ModelConfig:
             )
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         attention_bias = bool(d.get("attention_bias", False))
-        moe = MoEConfig.from_dict(d["moe"]) if d.get("moe") else None
-        return cls(
-            model_type=model_type,
-            vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_hidden_layers=d["num_hidden_layers"],
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            head_dim=head_dim,
-            max_position_embeddings=d.get("max_position_embeddings", 2048),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope=_parse_rope(d, source),
-            # Qwen2 always has q/k/v biases; Llama's `attention_bias` puts a bias on q, k, v and o.
-            qkv_bias=model_type == "qwen2" or attention_bias,
-            o_bias=model_type != "qwen2" and attention_bias,
-            mlp_bias=bool(d.get("mlp_bias", False)),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            torch_dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
-            moe=moe,
-        )
+        moe = MoEConfig.from_dict(d["moe"], source) if d.get("moe") else None
+        rope = _parse_rope(d, source)
+        try:
+            return cls(
+                model_type=model_type,
+                vocab_size=d["vocab_size"],
+                hidden_size=d["hidden_size"],
+                intermediate_size=d["intermediate_size"],
+                num_hidden_layers=d["num_hidden_layers"],
+                num_attention_heads=heads,
+                num_key_value_heads=kv_heads,
+                head_dim=head_dim,
+                max_position_embeddings=d.get("max_position_embeddings", 2048),
+                rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+                rope=rope,
+                # Qwen2 always has q/k/v biases; Llama's `attention_bias` puts a bias on q, k, v and o.
+                qkv_bias=model_type == "qwen2" or attention_bias,
+                o_bias=model_type != "qwen2" and attention_bias,
+                mlp_bias=bool(d.get("mlp_bias", False)),
+                tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                torch_dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
+                moe=moe,
+            )
+        except UserError as exc:
+            raise UserError(f"{source}: {exc}") from None
 
 
 def _refuse_sliding_window(d: dict, model_type: str, source: str) -> None:

@@ -69,13 +69,13 @@ def run_cli(args: argparse.Namespace) -> int:
     raw, config = read_hf_config(args.dense)
     moe = make_moe_config(
         config,
-        args.experts,
-        args.top_k,
-        args.granularity,
-        args.routing,
-        args.moe_layers,
-        args.router_init_std,
-        args.seed,
+        num_experts=args.experts,
+        top_k=args.top_k,
+        granularity=args.granularity,
+        routing=args.routing,
+        layers=args.moe_layers,
+        router_init_std=args.router_init_std,
+        seed=args.seed,
         weight_scaling=not args.no_weight_scaling,
     )
     out = Path(args.out)

@@ -1,5 +1,5 @@
-"""Errors that reach the user as one clear message (the CLI prints them without a traceback)."""
+"""The user-facing error type; defined once in `data_prep.errors` (the lower layer), re-exported here."""
 
+from data_prep.errors import UserError
 
-class UserError(Exception):
-    """Bad input from the user: a message that names the file, field or flag and says what to do."""
+__all__ = ["UserError"]

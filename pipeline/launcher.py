@@ -51,7 +51,8 @@ def hostfile_slots(path: str) -> int:
 def run_cli(args: argparse.Namespace) -> int:
     import torch
 
-    from pipeline.train import prepare
+    from pipeline.ds_adapter import remove_leftover_shm
+    from pipeline.preflight import prepare
 
     if args.hostfile:
         world = hostfile_slots(args.hostfile)
@@ -80,15 +81,3 @@ def run_cli(args: argparse.Namespace) -> int:
         return subprocess.call(cmd)
     finally:
         remove_leftover_shm(args.master_port)
-
-
-def remove_leftover_shm(port: int) -> None:
-    """Unlink DeepSpeed's CPU all-reduce segments of this run's port that a killed rank left behind.
-
-    Ranks that exit normally unlink their own (pipeline.train.remove_shm_buffer); once the launcher
-    has returned, no rank of this run on this host is alive, and no other run can hold the port.
-    """
-    from pipeline.train import shm_buffer_name
-
-    for path in Path("/dev/shm").glob(shm_buffer_name("*", port, "*")):
-        path.unlink(missing_ok=True)

@@ -1,13 +1,20 @@
-"""Training observability: MoE health from router logits, FLOP estimates, the expert-load picture."""
+"""Training observability: MoE health from router logits, FLOP estimates, the expert-load picture, and
+`RunLog`, where a run's numbers go (console, jsonl files, TensorBoard)."""
 
 from __future__ import annotations
 
+import json
+import math
+import os
+import resource
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from pipeline.config import ModelConfig
+
+TRAIN_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm")  # train_log.jsonl, train/* scalars
 
 # Dense bf16 peak of common accelerators, for the MFU estimate (TFLOP/s).
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "GH200": 989.0}
@@ -88,3 +95,94 @@ def save_load_heatmap(history: list[tuple[int, list[list[float]]]], layer_ids: l
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+class RunLog:
+    """Rank 0 prints and writes; other ranks only compute. Files under output.dir:
+    train_log.jsonl and val_loss.jsonl (one object per line), tensorboard/, expert_load.png."""
+
+    def __init__(
+        self,
+        output_dir: str,
+        config: ModelConfig,
+        seq_len: int,
+        global_batch: int,
+        steps: int,
+        rank: int,
+        world: int,
+        device: torch.device,
+    ):
+        self.dir, self.config, self.rank, self.world, self.device = output_dir, config, rank, world, device
+        self.seq_len, self.global_batch, self.steps = seq_len, global_batch, steps
+        self.flops_per_token = flops_per_token(config, seq_len)
+        self.peak_tflops = peak_tflops(device)
+        self.writer = None
+        self.load_history: list[tuple[int, list[list[float]]]] = []
+
+    def open(self) -> None:
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.dir, "tensorboard"))
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
+
+    def _append_jsonl(self, name: str, row: dict) -> None:
+        if self.rank == 0:
+            with open(os.path.join(self.dir, name), "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+
+    def train_step(self, step: int, stats: dict) -> None:
+        """The step line, train_log.jsonl and the train/perf/moe scalars of one optimizer step."""
+        tokens_per_s = self.global_batch * self.seq_len / stats["step_time"]
+        tflops = self.flops_per_token * tokens_per_s / self.world / 1e12  # per device
+        mfu = f"{100 * tflops / self.peak_tflops:.1f}%" if self.peak_tflops else "n/a"
+        memory_gib = (
+            torch.cuda.max_memory_allocated() / 2**30
+            if self.device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        )
+        self.log(
+            f"step {step:>6}/{self.steps} | loss {stats['loss']:.4f} | lm {stats['lm_loss']:.4f} | "
+            f"aux {stats['aux_loss']:.4f} | lr {stats['lr']:.2e} | grad norm {stats['grad_norm']:.3f} | "
+            f"{tokens_per_s:,.0f} tok/s | {tflops:.3g} TFLOP/s | MFU {mfu} | mem {memory_gib:.1f} GiB"
+        )
+        self._append_jsonl("train_log.jsonl", {"step": step, **{k: stats[k] for k in TRAIN_KEYS}})
+        if not self.writer:
+            return
+        for key in TRAIN_KEYS:
+            self.writer.add_scalar(f"train/{key}", stats[key], step)
+        self.writer.add_scalar("perf/tokens_per_s", tokens_per_s, step)
+        self.writer.add_scalar("perf/tflops_per_device", tflops, step)
+        if "expert_counts" in stats:
+            self._moe_step(step, stats["expert_counts"], stats["router_entropy"])
+
+    def _moe_step(self, step: int, counts_LN: torch.Tensor, entropy_L: list[float]) -> None:
+        shares = []
+        for row, layer in enumerate(self.config.moe.layers):
+            for key, value in load_summary(counts_LN[row]).items():
+                self.writer.add_scalar(f"moe/layer{layer:02d}/{key}", value, step)
+            self.writer.add_scalar(f"moe/layer{layer:02d}/router_entropy", entropy_L[row], step)
+            share = counts_LN[row] / counts_LN[row].sum().clamp_min(1)
+            self.writer.add_histogram(f"moe/layer{layer:02d}/expert_share", share, step)
+            shares.append(share.tolist())
+        self.load_history.append((step, shares))
+
+    def validation(self, step: int, val_loss: float) -> None:
+        perplexity = math.exp(min(val_loss, 50))
+        self.log(f"step {step:>6} | val loss {val_loss:.4f} | val ppl {perplexity:.2f}")
+        if self.writer:
+            self.writer.add_scalar("val/loss", val_loss, step)
+            self.writer.add_scalar("val/perplexity", perplexity, step)
+        self._append_jsonl("val_loss.jsonl", {"step": step, "val_loss": val_loss})
+
+    def close(self, step: int) -> None:
+        if self.rank == 0 and self.load_history:
+            png = os.path.join(self.dir, "expert_load.png")
+            save_load_heatmap(self.load_history, list(self.config.moe.layers), png)
+            self.log(f"expert load picture: {png}")
+        if self.writer:
+            self.writer.close()
+        self.log(f"done: {step} steps; tensorboard --logdir {self.dir}/tensorboard")

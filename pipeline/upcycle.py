@@ -1,7 +1,8 @@
 """The upcycling math (He et al. 2024): dense SwiGLU MLP -> N experts with a virtual-group router.
 
-Notation (DESIGN section 2): dense width F, hidden H, granularity G (expert width I = F/G), expansion
-rate R (full copies), N = R*G experts, top-K with K = m*G. Expert e = r*G + s holds shard s of copy r.
+Notation (docs/design.md §1; the math in §2): dense width F, hidden H, granularity G (expert width
+I = F/G), expansion rate R (full copies), N = R*G experts, top-K with K = m*G. Expert e = r*G + s holds
+shard s of copy r.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import math
 
 import torch
 
-from pipeline.config import ROUTINGS, ModelConfig, MoEConfig
+from pipeline.config import ROUTINGS, ModelConfig, MoEConfig, check_moe_shape
 from pipeline.errors import UserError
 
 
@@ -49,8 +50,13 @@ def parse_moe_layers(spec: str, num_layers: int) -> tuple[int, ...]:
     return tuple(layers)
 
 
+# The converter's flag for each MoEConfig field, so that its errors name what the user typed.
+FLAGS = {"num_experts": "--experts", "top_k": "--top-k", "granularity": "--granularity"}
+
+
 def make_moe_config(
     config: ModelConfig,
+    *,
     num_experts: int,
     top_k: int,
     granularity: int = 1,
@@ -71,29 +77,13 @@ def make_moe_config(
         )
     if routing not in ROUTINGS:
         raise UserError(f"--routing {routing!r}: expected one of {ROUTINGS}")
-    checks = [
-        (G >= 1, f"--granularity {G}: must be >= 1"),
-        (N >= 1 and K >= 1, f"--experts {N} and --top-k {K} must be >= 1"),
-        (K <= N, f"--top-k {K} is larger than --experts {N}"),
-        (
-            F_ % G == 0,
-            f"--granularity {G} does not divide the dense intermediate_size F={F_} (F % G must be 0)",
-        ),
-        (
-            N % G == 0,
-            f"--experts {N} is not a multiple of --granularity {G}: experts come in whole copies "
-            "of the MLP (N = R*G)",
-        ),
-        (
-            K % G == 0,
-            f"--top-k {K} is not a multiple of --granularity {G}: top-K must pick whole virtual "
-            "groups (K = m*G)",
-        ),
-        (router_init_std > 0, f"--router-init-std {router_init_std}: must be > 0"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+    check_moe_shape(N, K, G, describe=lambda field, value: f"{FLAGS[field]} {value}")
+    if F_ % G:
+        raise UserError(
+            f"--granularity {G} does not divide the dense intermediate_size F={F_} (F % G must be 0)"
+        )
+    if not router_init_std > 0:
+        raise UserError(f"--router-init-std {router_init_std}: must be > 0")
     scale = expert_scale(N, K, G, routing) if weight_scaling else 1.0
     return MoEConfig(
         num_experts=N,

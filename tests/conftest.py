@@ -50,7 +50,7 @@ def save_hf_model(family: str, path, seed: int = 0, max_shard_size: str | None =
 def no_leftover_deepspeed_shm():
     """Tests kill ranks on purpose; a killed rank cannot unlink DeepSpeed's ~67 MB CPU all-reduce segment
     in /dev/shm (RAM). Remove the ones this session made, so repeated test runs do not fill memory."""
-    from pipeline.train import shm_buffer_name
+    from pipeline.ds_adapter import shm_buffer_name
 
     pattern = "/dev/shm/" + shm_buffer_name("*", "*", "*")
     before = set(glob.glob(pattern))

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from pipeline.train import shm_buffer_name
+from pipeline.ds_adapter import shm_buffer_name
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "pipeline" / "train.py")

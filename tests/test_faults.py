@@ -17,6 +17,7 @@ import pytest
 import torch
 from launching import REPO, TINY_CONFIG, TRAIN, launch
 
+from data_prep.faults import FAULT_ENV, fault_spec, pause_banner
 from pipeline.cli import main as upcycle
 from pipeline.errors import UserError
 
@@ -55,7 +56,7 @@ def assert_finite_checkpoint(workspace, out, tag):
 
 def test_mismatched_tokenizer_is_refused_before_start(train_workspace, tmp_path):
     workspace = train_workspace
-    from pipeline.train import prepare
+    from pipeline.preflight import prepare
 
     data, out = str(workspace / "data"), str(tmp_path / "o")
     args = ["--config", TINY_CONFIG, "--data.path", data, "--output.dir", out]
@@ -93,17 +94,17 @@ def test_mismatched_tokenizer_is_refused_before_start(train_workspace, tmp_path)
 def test_kill_during_checkpoint_save_keeps_previous(train_workspace, monkeypatch):
     workspace = train_workspace
     steps = ("--train.steps", "6", "--output.checkpoint_interval", "2", *NO_EVAL)
-    monkeypatch.setenv("UPCYCLE_TEST_PAUSE_IN_SAVE_AT_STEP", "4")
+    monkeypatch.setenv(FAULT_ENV, fault_spec("checkpoint.before_latest", 4, "pause"))
     proc = launch(workspace, "killsave", *steps, wait=False)
     try:
-        wait_for(workspace / "killsave.log", "test hook: pausing inside the save of step_00000004")
+        wait_for(workspace / "killsave.log", pause_banner("checkpoint.before_latest", 4))
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     ckpt = workspace / "killsave" / "checkpoints"
     assert latest(workspace, "killsave") == "step_00000002"
     assert (ckpt / "step_00000004").is_dir() and not (ckpt / "step_00000004" / "run_state.json").exists()
-    monkeypatch.delenv("UPCYCLE_TEST_PAUSE_IN_SAVE_AT_STEP")
+    monkeypatch.delenv(FAULT_ENV)
     launch(workspace, "killsave", *steps)  # the same command resumes from the previous checkpoint
     log = (workspace / "killsave.log").read_text()
     assert "removed incomplete checkpoint step_00000004" in log

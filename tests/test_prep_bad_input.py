@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from data_prep.errors import UserError
 from data_prep.testing import tiny_tokenizer, word_level_tokenizer
 from data_prep.tokenize_stage import TokenizeConfig, run_tokenize
-from pipeline.errors import UserError
 
 
 @pytest.fixture(scope="module")

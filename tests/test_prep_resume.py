@@ -11,9 +11,10 @@ import time
 
 import pytest
 
+from data_prep.errors import UserError
+from data_prep.faults import FAULT_ENV, fault_spec
 from data_prep.testing import make_documents, tiny_tokenizer, write_jsonl
-from data_prep.tokenize_stage import KILL_ENV, STATE_FILE, TokenizeConfig, run_tokenize
-from pipeline.errors import UserError
+from data_prep.tokenize_stage import STATE_FILE, TokenizeConfig, run_tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,13 +52,15 @@ def _prep_cmd(root, tok, out, workers: int) -> list[str]:
     ]  # fmt: skip
 
 
-def _prep(root, tok, out, kill=None, workers=2):
+def _prep(root, tok, out, fault=None, workers=2):
+    """`prep tokenize` as its own process; `fault` is an UPCYCLE_FAULT value (data_prep.faults)."""
     env = dict(os.environ, PYTHONPATH=ROOT)
-    env.pop(KILL_ENV, None)
-    if kill:
-        env[KILL_ENV] = kill
-    return subprocess.run(_prep_cmd(root, tok, root / out, workers), env=env, capture_output=True, text=True,
-                          timeout=120)
+    env.pop(FAULT_ENV, None)
+    if fault:
+        env[FAULT_ENV] = fault
+    return subprocess.run(
+        _prep_cmd(root, tok, root / out, workers), env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def _outputs(out) -> dict:
@@ -72,16 +75,17 @@ def _outputs(out) -> dict:
     return files, manifest
 
 
-@pytest.mark.parametrize("kill", ["after_state:0", "before_rename:2", "after_rename:4"])
-def test_kill_and_rerun_gives_identical_output(setup, kill, capsys):
+@pytest.mark.parametrize(
+    "point, step", [("prep.after_state", 0), ("prep.before_rename", 2), ("prep.after_rename", 4)]
+)
+def test_kill_and_rerun_gives_identical_output(setup, point, step, capsys):
     root, tok = setup
-    out = "k_" + kill.replace(":", "_")
-    killed = _prep(root, tok, out, kill=kill, workers=1)
+    out = f"k_{point}_{step}"
+    killed = _prep(root, tok, out, fault=fault_spec(point, step, "kill"), workers=1)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not os.path.exists(root / out / "manifest.json")
     state = json.load(open(root / out / STATE_FILE))
-    step = int(kill.split(":")[1])
-    assert len(state["steps"]) == (step + 1 if kill.startswith("after_state") else step)
+    assert len(state["steps"]) == (step + 1 if point == "prep.after_state" else step)
     _prep_in_process(root, tok, out)
     resumed = "resuming" in capsys.readouterr().err
     assert resumed == (len(state["steps"]) > 0)

@@ -18,7 +18,7 @@ from data_prep.tokenize_stage import TokenizeConfig, run_tokenize, split_is_vali
 
 
 def parse_idx_by_spec(path: str) -> dict:
-    """An independent reader of Megatron's .idx, written from DESIGN.md section 4 byte by byte."""
+    """An independent reader of Megatron's .idx, written from docs/design.md §5 byte by byte."""
     with open(path, "rb") as f:
         data = f.read()
     assert data[:9] == b"MMIDIDX\x00\x00"
@@ -165,8 +165,9 @@ def test_cli_tokenize_and_stats(setup, capsys):
     inputs = [str(root / "in" / "a.jsonl"), str(root / "in" / "b.jsonl")]
 
     def tokenize(tokenizer: str) -> int:
-        return cli.main(["prep", "tokenize", "--input", *inputs, "--tokenizer", tokenizer, "--out", out,
-                         "--no-progress"])
+        return cli.main(
+            ["prep", "tokenize", "--input", *inputs, "--tokenizer", tokenizer, "--out", out, "--no-progress"]
+        )
 
     rc = tokenize(os.path.join(tok_dir, "tokenizer.json"))  # the file here, its directory below
     assert rc == 0

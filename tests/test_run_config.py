@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import ModelConfig
+from pipeline.ds_adapter import build_ds_config
 from pipeline.errors import UserError
+from pipeline.preflight import prepare
 from pipeline.run_config import RunConfig, load_run_config, validate, validate_against_model
-from pipeline.train import build_ds_config, lr_multiplier, prepare
+from pipeline.train import lr_multiplier
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((REPO / "launch" / "configs").glob("*.yaml"))
@@ -187,7 +189,7 @@ def test_upcycle_train_validates_before_launching(tmp_path, capsys):
 
 
 def test_launcher_removes_only_its_ports_leftover_shm_segments():
-    from pipeline.launcher import remove_leftover_shm
+    from pipeline.ds_adapter import remove_leftover_shm
 
     uid = os.getuid()  # the literal name shm.cpp writes, not our helper's idea of it
     mine = [Path(f"/dev/shm/deepspeed_allreduce_buffer_{uid}_127.0.0.1_{61011}_{r}") for r in (0, 1)]

@@ -160,6 +160,49 @@ def test_invalid_settings_stop_before_any_work(dense_llama, tmp_path, capsys, ar
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        ({"top_k": 3}, r"moe\.top_k=3 is not a multiple of moe\.granularity=2"),
+        ({"num_experts": 9}, r"moe\.num_experts=9 is not a multiple of moe\.granularity=2"),
+        ({"top_k": 32}, r"moe\.top_k=32 is larger than moe\.num_experts=16"),
+        (
+            {"expert_intermediate_size": 32},
+            r"expert_intermediate_size=32 != intermediate_size=128 \(F = G\*I\)",
+        ),
+        ({"layers": [0, 5]}, r"moe\.layers \[5\] do not exist"),
+        ({"routing": "sigmoid"}, r"moe\.routing='sigmoid'"),
+        ({"granularity": None}, r"lacks \['granularity'\]"),
+    ],
+)
+def test_hand_edited_moe_section_is_refused_naming_the_field(dense_llama, tmp_path, edit, message):
+    """MoEConfig checks its invariants on construction, so a config.json edited by hand cannot load."""
+    from pipeline.config import read_hf_config
+    from pipeline.errors import UserError
+
+    dense_dir, _ = dense_llama
+    assert convert(dense_dir, tmp_path, 16, 4, 2) == 0
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["moe"].update(edit)
+    config["moe"] = {k: v for k, v in config["moe"].items() if v is not None}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=message) as caught:
+        read_hf_config(tmp_path)
+    assert str(tmp_path / "config.json") in str(caught.value)
+
+
+def test_moe_settings_are_keyword_only(dense_llama):
+    from pipeline.config import MoEConfig, read_hf_config
+    from pipeline.upcycle import make_moe_config
+
+    _, config = read_hf_config(dense_llama[0])
+    with pytest.raises(TypeError):
+        make_moe_config(config, 8, 2, 2)  # which is top_k and which granularity? refused, not guessed
+    with pytest.raises(TypeError):
+        MoEConfig(8, 2, 1, "softmax-topk", (0,), 128, 4.0)
+    assert make_moe_config(config, num_experts=8, top_k=2, granularity=2).expert_intermediate_size == 64
+
+
 def test_refuses_to_upcycle_twice_and_to_overwrite(dense_llama, tmp_path, capsys):
     dense_dir, _ = dense_llama
     assert convert(dense_dir, tmp_path / "moe", 8, 2) == 0

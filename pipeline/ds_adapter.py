@@ -1,0 +1,285 @@
+"""The DeepSpeed side of training, in one place: our model and run config in, DeepSpeed's engine out.
+
+- the DeepSpeed config, generated from the run config (ZeRO and precision templates + batch sizes,
+  optimizer and the AutoEP `expert_parallel` section), so the two cannot disagree;
+- the name map between our MoE block and DeepSpeed AutoEP's layer (docs/design.md §4), used by the
+  trainer, `upcycle export` and the fast path;
+- router-logit capture (AutoEP's router does not hand logits back) and the fast-path install;
+- process-group start-up, DeepSpeed's leaked CPU shared-memory segment, and peer-failure reporting.
+
+Model code (`pipeline.model`, `pipeline.moe`) never imports this module or deepspeed: parallelism is
+applied from here. deepspeed itself is imported inside the functions that need it, so that `upcycle
+export` can use the name map without starting it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from pipeline import resources
+from pipeline.config import ModelConfig
+from pipeline.errors import UserError
+from pipeline.moe import load_balancing_loss, route, router_z_loss
+from pipeline.run_config import RunConfig
+
+# ---- the name map: our MoE block <-> DeepSpeed AutoEP (docs/design.md §4) ---------------------------
+# Ours:   model.layers.{i}.mlp.gate.weight [N, H]; mlp.experts.gate_up_proj [N, 2I, H] (gate rows, then
+#         up rows); mlp.experts.down_proj [N, H, I].
+# AutoEP: mlp.router.gate.weight [N, H]; mlp.experts.w1 (gate) and w3 (up) [N, I, H]; w2 (down) [N, H, I].
+MOE_LAYER_PATTERN = r"model\.layers\.\d+\.mlp"  # our MoE blocks, as AutoEP's regex
+OUR_ROUTER, OUR_EXPERTS = "gate", "experts"
+OUR_GATE_UP, OUR_DOWN = "gate_up_proj", "down_proj"
+AUTOEP_ROUTER = "router.gate"  # AutoEP moves our `mlp.gate` Linear under its router module
+AUTOEP_GATE, AUTOEP_UP, AUTOEP_DOWN = "w1", "w3", "w2"
+ROUTER_SUFFIX = f"mlp.{AUTOEP_ROUTER}"  # module names of the routers inside the engine
+
+
+def autoep_section(top_k: int, routing: str, ep_size: int, cuda: bool, layer_pattern=MOE_LAYER_PATTERN):
+    """DeepSpeed's `expert_parallel` (AutoEP) config for our MoE blocks."""
+    return {
+        "enabled": True,
+        "autoep_size": ep_size,
+        "moe_layer_pattern": layer_pattern,
+        "router_pattern": OUR_ROUTER,
+        "expert_pattern": OUR_EXPERTS,
+        "expert_w1": OUR_GATE_UP,  # fused: AutoEP splits it into w1 (gate) and w3 (up)
+        "expert_w2": OUR_DOWN,
+        "expert_w3": None,
+        "top_k": top_k,
+        "score_func": "softmax",
+        # softmax over the K selected logits == softmax over all, then top-K, then renormalise.
+        "route_norm": routing == "topk-softmax",
+        "routed_scaling_factor": 1.0,  # the scale lives in the expert weights
+        "use_grouped_mm": cuda,
+    }
+
+
+def autoep_to_ours(raw: dict[str, torch.Tensor], where: Path | str) -> dict[str, torch.Tensor]:
+    """A state dict under AutoEP's names -> under ours (`mlp.router.gate` -> `mlp.gate`, w1 + w3 ->
+    gate_up_proj, w2 -> down_proj); other names pass through unchanged."""
+    state = {}
+    for name, tensor in raw.items():
+        base, _, leaf = name.rpartition(".")
+        if not base.endswith(f".{OUR_EXPERTS}"):
+            state[name.replace(f".mlp.{AUTOEP_ROUTER}.", f".mlp.{OUR_ROUTER}.")] = tensor
+        elif leaf == AUTOEP_GATE:
+            up = raw.get(f"{base}.{AUTOEP_UP}")
+            if up is None:
+                raise UserError(f"{where}: {base}.{AUTOEP_UP} (up_proj) is missing")
+            state[f"{base}.{OUR_GATE_UP}"] = torch.cat([tensor, up], dim=1)  # [N, 2I, H]: gate rows, then up
+        elif leaf == AUTOEP_DOWN:
+            state[f"{base}.{OUR_DOWN}"] = tensor  # [N, H, I]
+        elif leaf != AUTOEP_UP:  # w3 went into gate_up_proj above
+            state[name] = tensor
+    return state
+
+
+# ---- the DeepSpeed config ----------------------------------------------------------------------------
+
+
+def build_ds_config(cfg: RunConfig, model_config: ModelConfig, world_size: int, cuda: bool) -> dict:
+    """The DeepSpeed config, from the ZeRO and precision templates plus values from the run config."""
+    t, p = cfg.train, cfg.parallel
+    ds = {}
+    for name in (f"zero{p.zero_stage}", t.precision):
+        ds.update(resources.ds_config_template(name))
+    ds.update(
+        {
+            "train_batch_size": t.global_batch,
+            "train_micro_batch_size_per_gpu": t.micro_batch,
+            "gradient_accumulation_steps": t.global_batch // (t.micro_batch * world_size),
+            "gradient_clipping": t.grad_clip,
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": t.lr,
+                    "betas": [t.beta1, t.beta2],
+                    "eps": 1e-8,
+                    "weight_decay": t.weight_decay,
+                    "torch_adam": True,
+                },
+            },
+        }
+    )
+    if model_config.moe is not None:
+        moe = model_config.moe
+        ds["expert_parallel"] = autoep_section(moe.top_k, moe.routing, p.ep_size, cuda)
+    return ds
+
+
+def initialize_engine(model: torch.nn.Module, cfg: RunConfig, model_config: ModelConfig, lr_lambda):
+    """`deepspeed.initialize` on our model; returns (engine, lr scheduler)."""
+    import deepspeed
+
+    world = dist.get_world_size()
+    ds_config = build_ds_config(cfg, model_config, world, torch.cuda.is_available())
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model.train(),
+        model_parameters=model.parameters(),
+        config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda),
+    )
+    return engine, scheduler
+
+
+# ---- router logits -----------------------------------------------------------------------------------
+
+
+@dataclass
+class RouterCapture:
+    """Collects router logits [T, N] from forward hooks on every MoE layer's gate Linear."""
+
+    top_k: int
+    routing: str
+    logits: list = field(default_factory=list)
+
+    def attach(self, module: torch.nn.Module) -> int:
+        gates = [m for name, m in module.named_modules() if name.endswith(ROUTER_SUFFIX)]
+        for gate in gates:
+            gate.register_forward_hook(lambda _m, _i, out: self.logits.append(out))
+        return len(gates)
+
+    def losses(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(load-balancing loss, z-loss), each averaged over the MoE layers of this forward."""
+        if not self.logits:
+            zero = torch.zeros(())
+            return zero, zero
+        aux = [
+            load_balancing_loss(lg, route(lg, self.top_k, self.routing)[1], lg.shape[-1])
+            for lg in self.logits
+        ]
+        z = [router_z_loss(lg) for lg in self.logits]
+        return torch.stack(aux).mean(), torch.stack(z).mean()
+
+
+def attach_router_capture(engine, model_config: ModelConfig) -> RouterCapture | None:
+    """Hook every AutoEP router of the engine; None for a dense model."""
+    moe = model_config.moe
+    if moe is None:
+        return None
+    capture = RouterCapture(moe.top_k, moe.routing)
+    attached = capture.attach(engine.module)
+    if attached != len(moe.layers):
+        raise RuntimeError(f"AutoEP replaced {attached} MoE layers, the model has {len(moe.layers)}")
+    return capture
+
+
+def install_fast_path(engine) -> list[str]:
+    """Switch the engine's AutoEP layers to `pipeline.fast_ep`'s forward; returns the log lines."""
+    from pipeline.fast_ep import install_fast_path as install
+
+    switched, skipped = install(engine.module)
+    lines = [f"MoE fast path on {switched} of {switched + len(skipped)} AutoEP layers (moe.fast_path)"]
+    return lines + [f"  stock DeepSpeed forward kept for {line}" for line in skipped]
+
+
+# ---- process group ------------------------------------------------------------------------------------
+
+
+def init_distributed(cfg: RunConfig) -> torch.device:
+    """Start the process group (any launcher, or mpirun through mpi4py); returns this rank's device."""
+    import deepspeed
+
+    cuda = torch.cuda.is_available()
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if cuda else "gloo")
+    timeout = datetime.timedelta(seconds=cfg.parallel.timeout_s)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True, timeout=timeout)
+    # Groups made later without a timeout (DeepSpeed's expert/data-parallel groups, the all-to-all's)
+    # take torch's module default (30 min), not the world's: a silent peer would hang them that long.
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if getattr(c10d, "default_pg_nccl_timeout", None) is not None:
+        c10d.default_pg_nccl_timeout = timeout
+    atexit.register(remove_shm_buffer, shm_buffer_path())
+    if cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def shm_buffer_path() -> Path:
+    """The shared-memory segment DeepSpeed's CPU all-reduce op makes for this rank (csrc/cpu/comm/shm.cpp).
+
+    DeepSpeed never unlinks it: each CPU run on one host would leave ~67 MB per rank in /dev/shm (RAM),
+    and a later run on the same port could map a stale segment.
+    """
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / shm_buffer_name(addr, port, dist.get_rank())
+
+
+def shm_buffer_name(addr: str, port: int | str, rank: int | str) -> str:
+    """The segment's file name as shm.cpp builds it; "*" in any field makes it a glob pattern."""
+    return f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def remove_shm_buffer(path: Path) -> None:
+    """Unlink this rank's segment at exit; other ranks keep their mappings until they exit too."""
+    with contextlib.suppress(OSError):
+        path.unlink(missing_ok=True)
+
+
+def remove_leftover_shm(port: int) -> None:
+    """Unlink DeepSpeed's CPU all-reduce segments of a run's port that killed ranks left behind.
+
+    Ranks that exit normally unlink their own (`remove_shm_buffer`); call this once the launcher has
+    returned, when no rank of that run on this host is alive and no other run can hold the port.
+    """
+    for path in Path("/dev/shm").glob(shm_buffer_name("*", port, "*")):
+        path.unlink(missing_ok=True)
+
+
+PEER_FAILURE_EXIT = 3
+# What gloo/NCCL/c10d errors say when a peer process dies or the network between nodes fails.
+PEER_FAILURE_MARKERS = (
+    "Connection reset",
+    "Connection closed",
+    "Connection refused",
+    "Broken pipe",
+    "Timed out",
+    "timed out",
+    "Timeout",
+    "gloo",
+    "NCCL",
+)
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """Whether an exception from the training loop is a failed collective (peer gone, network down)."""
+    return isinstance(exc, dist.DistError) or any(m in str(exc) for m in PEER_FAILURE_MARKERS)
+
+
+def peer_failure_message(cfg: RunConfig, exc: BaseException, latest: str) -> str:
+    rank = dist.get_rank() if dist.is_initialized() else "?"
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return (
+        f"train (rank {rank}): error: lost contact with the other ranks: a collective failed ({first}).\n"
+        "  Most likely a peer process died (killed, out of memory, node failure: see the first error in the "
+        "other nodes' logs) or the network between the nodes failed. A silent peer is waited for at most "
+        f"parallel.timeout_s={cfg.parallel.timeout_s} s.\n"
+        f"  Latest complete checkpoint: {latest}. Run the same command again on every node to resume from it."
+    )
+
+
+def leave_after_peer_failure(message: str) -> None:
+    """Print the message and exit at once, without destructors.
+
+    Destroying a process group with a dead member can block, and a normal interpreter exit runs the gloo
+    group's destructor while its threads still wait on the dead peer, which aborts the process (SIGABRT)
+    after the message. os._exit skips atexit, so the shm segment is removed here.
+    """
+    import sys
+
+    print(message, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    remove_shm_buffer(shm_buffer_path())
+    os._exit(PEER_FAILURE_EXIT)
