@@ -1,7 +1,7 @@
 """`upcycle train`: validate the run config, then start `pipeline/train.py` under the DeepSpeed launcher.
 
-upcycle train --config launch/configs/tiny_cpu.yaml --nproc 2 [--section.key value ...]
-upcycle train --config multi_gpu.yaml --hostfile launch/hostfile [--section.key value ...]
+upcycle train --config tiny_cpu --nproc 2 [--section.key value ...]
+upcycle train --config multi_gpu --hostfile launch/hostfile [--section.key value ...]
 """
 
 from __future__ import annotations

@@ -10,12 +10,12 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
 from pipeline.errors import UserError
+from pipeline.resources import run_config_text
 
 
 @dataclass
@@ -85,20 +85,23 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def load_run_config(path: str | None, overrides: list[str]) -> RunConfig:
-    """Read the YAML file (if any), then apply `--section.key value` overrides, then type-check."""
+def load_run_config(config: str | None, overrides: list[str]) -> RunConfig:
+    """Read `--config` (a YAML path or a shipped config's name, e.g. tiny_cpu), apply `--section.key value`
+    overrides, then type-check."""
     raw: dict = {}
-    if path:
-        file = Path(path)
-        if not file.is_file():
-            raise UserError(f"--config {path}: file not found")
+    if config:
+        text, where = run_config_text(config)
         try:
-            raw = yaml.safe_load(file.read_text()) or {}
+            raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise UserError(f"--config {path}: invalid YAML ({exc})") from exc
+            raise UserError(f"--config {config}: invalid YAML in {where} ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise UserError(f"--config {config}: {where} must be a mapping of sections, got {raw!r}")
     for key, value in parse_overrides(overrides):
         section, _, name = key.partition(".")
-        raw.setdefault(section, {})[name] = yaml.safe_load(value)
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise UserError(f"--{key}: config section {section!r} is {raw[section]!r}, not a mapping")
+        raw[section][name] = yaml.safe_load(value)
     return build(RunConfig, raw, "")
 
 
