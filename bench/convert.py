@@ -58,23 +58,44 @@ def main() -> None:
         h, f, layers, heads, kv, vocab = SIZES[size]
         dense = work / f"dense_{size}"
         if not (dense / "config.json").exists():
-            shape = {"--hidden-size": h, "--intermediate-size": f, "--layers": layers, "--heads": heads,
-                     "--kv-heads": kv, "--vocab-size": vocab}
+            shape = {
+                "--hidden-size": h,
+                "--intermediate-size": f,
+                "--layers": layers,
+                "--heads": heads,
+                "--kv-heads": kv,
+                "--vocab-size": vocab,
+            }
             init = upcycle("init", "--out", str(dense), *[str(a) for item in shape.items() for a in item])
             subprocess.run(init, check=True, stdout=subprocess.DEVNULL)
         for plan in args.plans:
             n, k, g = PLANS[plan]
             out = work / f"moe_{size}_{plan}"
             shutil.rmtree(out, ignore_errors=True)
-            convert = upcycle("convert", "--dense", str(dense), "--out", str(out), "--experts", n,
-                              "--top-k", k, "--granularity", g, "--dtype", "bf16")
+            convert = upcycle(
+                "convert",
+                "--dense",
+                str(dense),
+                "--out",
+                str(out),
+                "--experts",
+                n,
+                "--top-k",
+                k,
+                "--granularity",
+                g,
+                "--dtype",
+                "bf16",
+            )
             seconds, rss = run_measured(convert)
             gb = dir_gb(out)
             rows.append((size, plan, dir_gb(dense), gb, seconds, gb / seconds, rss))
             print(f"{size} {plan}: {gb:.2f} GB in {seconds:.1f} s, peak RSS {rss:.2f} GB", flush=True)
             shutil.rmtree(out)
-    print(f"\n{'dense':>6}{'plan':>9}{'dense GB (fp32)':>17}{'out GB (bf16)':>15}{'s':>8}{'GB/s':>7}"
-          f"{'peak RSS GB':>13}")
+    print(
+        f"\n{'dense':>6}{'plan':>9}{'dense GB (fp32)':>17}{'out GB (bf16)':>15}{'s':>8}{'GB/s':>7}"
+        f"{'peak RSS GB':>13}"
+    )
     for size, plan, dense_gb, gb, seconds, rate, rss in rows:
         print(f"{size:>6}{plan:>9}{dense_gb:>17.2f}{gb:>15.2f}{seconds:>8.1f}{rate:>7.2f}{rss:>13.2f}")
 

@@ -1,7 +1,7 @@
 """Forward+backward cost of one upcycled MoE layer against the dense SwiGLU MLP it came from, same run.
 
     python bench/moe_layer.py            # CPU: small sizes (H=256, F=1024, 2048 tokens, fp32)
-    python bench/moe_layer.py --gpu      # GPU: H=2048, F=8192, 8192 tokens, bf16 (the performance issue's sizes)
+    python bench/moe_layer.py --gpu      # GPU: H=2048, F=8192, 8192 tokens, bf16
     torchrun --nproc_per_node 2 bench/moe_layer.py   # expert parallelism: AutoEP at EP = world size
 
 Variants per (N, K, G) setting, all on the same tokens:
@@ -14,6 +14,7 @@ random) or "skewed" (half of all tokens prefer expert 0's group). Under torchrun
 each rank times its own tokens (and its own dense MLP) and only the AutoEP variants run, with the
 experts split over the ranks and tokens exchanged by all-to-all; rank 0 prints.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,12 +65,13 @@ def autoep_layer(block: MoEBlock, fast: bool, device, dtype, ep_size: int = 1) -
     """Let `deepspeed.initialize` replace the block by its AutoEP layer, as training does."""
     import deepspeed
 
-    from pipeline.fast_ep import install_fast_path
     from pipeline.ds_adapter import autoep_section
+    from pipeline.fast_ep import install_fast_path
 
     section = autoep_section(block.top_k, block.routing, ep_size=ep_size, cuda=device.type == "cuda")
-    engine, *_ = deepspeed.initialize(model=OneLayerModel(block),
-                                      config={"train_batch_size": ep_size, "expert_parallel": section})
+    engine, *_ = deepspeed.initialize(
+        model=OneLayerModel(block), config={"train_batch_size": ep_size, "expert_parallel": section}
+    )
     layer = engine.module.model.layers[0].mlp.to(device, dtype)
     if fast:
         assert install_fast_path(layer)[0] == 1
@@ -79,8 +81,17 @@ def autoep_layer(block: MoEBlock, fast: bool, device, dtype, ep_size: int = 1) -
 def ds_classic(h, i, n, k):
     from deepspeed.moe.layer import MoE
 
-    layer = MoE(hidden_size=h, expert=DenseMLP(h, i), num_experts=n, ep_size=1, k=k, capacity_factor=1.0,
-                eval_capacity_factor=1.0, min_capacity=4, drop_tokens=True)
+    layer = MoE(
+        hidden_size=h,
+        expert=DenseMLP(h, i),
+        num_experts=n,
+        ep_size=1,
+        k=k,
+        capacity_factor=1.0,
+        eval_capacity_factor=1.0,
+        min_capacity=4,
+        drop_tokens=True,
+    )
     layer.set_deepspeed_parallelism()
     return layer
 
@@ -90,8 +101,16 @@ def upcycled_block(h, f, n, k, g, skewed: bool) -> MoEBlock:
     from pipeline.config import MoEConfig
     from pipeline.upcycle import upcycle_mlp, virtual_group_router
 
-    moe = MoEConfig(num_experts=n, top_k=k, granularity=g, routing="softmax-topk", layers=(0,),
-                    expert_intermediate_size=f // g, expert_scale=n * g / k, router_init_std=0.02)
+    moe = MoEConfig(
+        num_experts=n,
+        top_k=k,
+        granularity=g,
+        routing="softmax-topk",
+        layers=(0,),
+        expert_intermediate_size=f // g,
+        expert_scale=n * g / k,
+        router_init_std=0.02,
+    )
     block = MoEBlock(h, n, k, f // g)
     dense = DenseMLP(h, f)
     with torch.no_grad():
@@ -160,21 +179,39 @@ def main() -> None:
         for name, routing, make in variants:
             try:
                 t = time_fwd_bwd(make().to(device, dtype), x, args.iters, 2)
-                rows.append(dict(variant=name, routing=routing, N=n, K=k, G=g, ms=t * 1e3, x_ideal=t / ideal,
-                                 x_dense=t / t_dense))
+                rows.append(
+                    dict(
+                        variant=name,
+                        routing=routing,
+                        N=n,
+                        K=k,
+                        G=g,
+                        ms=t * 1e3,
+                        x_ideal=t / ideal,
+                        x_dense=t / t_dense,
+                    )
+                )
             except Exception as exc:  # keep measuring the others
                 rows.append(dict(variant=name, routing=routing, N=n, K=k, G=g, error=repr(exc)[:120]))
     dist.barrier()
     dist.destroy_process_group()  # gloo's destructors at exit can otherwise abort the process
     if int(os.environ["RANK"]) != 0:
         return
-    print(f"device {device}, dtype {dtype}, H={h}, F={f}, {tokens} tokens per rank, fwd+bwd, median of "
-          f"{args.iters}, {world} rank(s), EP {world}")
+    print(
+        f"device {device}, dtype {dtype}, H={h}, F={f}, {tokens} tokens per rank, fwd+bwd, median of "
+        f"{args.iters}, {world} rank(s), EP {world}"
+    )
     print(f"{'variant':16}{'routing':>10}{'N':>4}{'K':>3}{'G':>3}{'ms':>10}{'x ideal':>9}{'x dense':>9}")
     for r in rows:
         head = f"{r['variant']:16}{r['routing']:>10}{r['N']:>4}{r['K']:>3}{r['G']:>3}"
-        print(head + (f"  ERROR {r['error']}" if "error" in r else
-                      f"{r['ms']:>10.2f}{r['x_ideal']:>9.2f}{r['x_dense']:>9.2f}"))
+        print(
+            head
+            + (
+                f"  ERROR {r['error']}"
+                if "error" in r
+                else f"{r['ms']:>10.2f}{r['x_ideal']:>9.2f}{r['x_dense']:>9.2f}"
+            )
+        )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

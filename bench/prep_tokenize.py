@@ -12,6 +12,7 @@ and prints MB/s, tokens/s and prep's share of the bare throughput.
 
     python bench/prep_tokenize.py [--mb 50] [--vocab 32000] [--work /tmp/prep_bench]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,17 +69,42 @@ def train_tokenizer(corpus: str, vocab: int, out: str) -> str:
 
 def bare(tok_file: str, corpus: str, threads: int, method: str) -> dict:
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="true")
-    out = subprocess.run([sys.executable, "-c", BARE, tok_file, corpus, method], env=env, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", BARE, tok_file, corpus, method],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def prep(tok_file: str, corpus: str, workers: int, out: str) -> dict:
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "data_prep.cli", "prep", "tokenize", "--input", corpus,
-                    "--tokenizer", tok_file, "--out", out, "--workers", str(workers), "--overwrite",
-                    "--no-progress", "--shard-tokens", "20000000"], check=True, cwd=ROOT,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "data_prep.cli",
+            "prep",
+            "tokenize",
+            "--input",
+            corpus,
+            "--tokenizer",
+            tok_file,
+            "--out",
+            out,
+            "--workers",
+            str(workers),
+            "--overwrite",
+            "--no-progress",
+            "--shard-tokens",
+            "20000000",
+        ],
+        check=True,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+    )
     wall = time.perf_counter() - t
     with open(os.path.join(out, "manifest.json")) as f:
         m = json.load(f)
@@ -94,8 +120,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--work", default="/tmp/prep_bench")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--repeat", type=int, default=1,
-                    help="interleave this many rounds and keep each run's fastest (for shared machines)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="interleave this many rounds and keep each run's fastest (for shared machines)",
+    )
     args = ap.parse_args()
     os.makedirs(args.work, exist_ok=True)
     corpus = os.path.join(args.work, "corpus.jsonl")
@@ -115,16 +145,26 @@ def main() -> None:
     for n in args.workers:
         rounds = []
         for _ in range(args.repeat):
-            rounds.append((bare(tok_file, corpus, n, "encode_batch"),
-                           bare(tok_file, corpus, n, "encode_batch_fast"),
-                           *prep(tok_file, corpus, n, os.path.join(args.work, f"out{n}"))))
+            rounds.append(
+                (
+                    bare(tok_file, corpus, n, "encode_batch"),
+                    bare(tok_file, corpus, n, "encode_batch_fast"),
+                    *prep(tok_file, corpus, n, os.path.join(args.work, f"out{n}")),
+                )
+            )
         b, f, p, p_run = (min((r[i] for r in rounds), key=lambda x: x["seconds"]) for i in range(4))
-        for name, r in ((f"bare encode_batch x{n}", b), (f"bare encode_batch_fast x{n}", f),
-                        (f"prep tokenize x{n} (wall)", p), (f"prep tokenize x{n} (run)", p_run)):
+        for name, r in (
+            (f"bare encode_batch x{n}", b),
+            (f"bare encode_batch_fast x{n}", f),
+            (f"prep tokenize x{n} (wall)", p),
+            (f"prep tokenize x{n} (run)", p_run),
+        ):
             mbs = text_mb / r["seconds"]
-            print(f"{name:<27}{r['seconds']:>9.1f}{mbs:>8.2f}{mbs / n:>11.2f}"
-                  f"{r['tokens'] / r['seconds'] / 1e6:>8.2f}{b['seconds'] / r['seconds']:>9.0%}"
-                  f"{f['seconds'] / r['seconds']:>9.0%}")
+            print(
+                f"{name:<27}{r['seconds']:>9.1f}{mbs:>8.2f}{mbs / n:>11.2f}"
+                f"{r['tokens'] / r['seconds'] / 1e6:>8.2f}{b['seconds'] / r['seconds']:>9.0%}"
+                f"{f['seconds'] / r['seconds']:>9.0%}"
+            )
 
 
 if __name__ == "__main__":

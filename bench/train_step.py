@@ -27,8 +27,13 @@ from pipeline.config import ModelConfig, MoEConfig
 from pipeline.metrics import flops_per_token, peak_tflops
 from pipeline.model import CausalLM
 
-for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29700 + os.getpid() % 1000)),
-                   ("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+for key, value in (
+    ("MASTER_ADDR", "127.0.0.1"),
+    ("MASTER_PORT", str(29700 + os.getpid() % 1000)),
+    ("RANK", "0"),
+    ("LOCAL_RANK", "0"),
+    ("WORLD_SIZE", "1"),
+):
     os.environ.setdefault(key, value)
 
 SETTINGS = [None, (8, 1, 1), (32, 4, 4), (8, 2, 1), (64, 8, 8)]  # None = dense
@@ -83,9 +88,9 @@ def deepspeed_step(model, config: ModelConfig, batch: int, gpu: bool, fast: bool
     """The engine `upcycle train` builds: its DeepSpeed config (ZeRO-2, AdamW, AutoEP at EP 1)."""
     import deepspeed
 
+    from pipeline.ds_adapter import build_ds_config
     from pipeline.fast_ep import install_fast_path
     from pipeline.run_config import RunConfig
-    from pipeline.ds_adapter import build_ds_config
 
     cfg = RunConfig()
     cfg.train.global_batch = cfg.train.micro_batch = batch
@@ -142,8 +147,10 @@ def main() -> None:
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if args.gpu else "gloo", verbose=False)
-    print(f"{'model':10}{'runner':>16}{'total M':>9}{'active M':>10}{'ms/step':>10}{'tok/s':>10}"
-          f"{'TFLOP/s':>9}{'MFU':>7}{'x dense':>9}")
+    print(
+        f"{'model':10}{'runner':>16}{'total M':>9}{'active M':>10}{'ms/step':>10}{'tok/s':>10}"
+        f"{'TFLOP/s':>9}{'MFU':>7}{'x dense':>9}"
+    )
     dense_time = {}
     for setting in SETTINGS:
         config = with_moe(base, setting)
@@ -163,9 +170,12 @@ def main() -> None:
             tokens = batch * seq_len
             tflops = flops_per_token(config, seq_len) * tokens / seconds / 1e12
             mfu = f"{100 * tflops / peak:.1f}%" if peak else "n/a"
-            print(f"{name:10}{runner:>16}{total / 1e6:>9.1f}{active / 1e6:>10.1f}{seconds * 1e3:>10.1f}"
-                  f"{tokens / seconds:>10,.0f}{tflops:>9.3f}{mfu:>7}"
-                  f"{seconds / dense_time[runner.split('+')[0]]:>9.2f}", flush=True)
+            print(
+                f"{name:10}{runner:>16}{total / 1e6:>9.1f}{active / 1e6:>10.1f}{seconds * 1e3:>10.1f}"
+                f"{tokens / seconds:>10,.0f}{tflops:>9.3f}{mfu:>7}"
+                f"{seconds / dense_time[runner.split('+')[0]]:>9.2f}",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,11 @@ class FastGroupedExperts(ep_experts.GroupedExperts):
     def forward(self, x_SH: torch.Tensor, counts_N: torch.Tensor) -> torch.Tensor:
         if self.use_grouped_mm and x_SH.is_cuda:
             # Offsets are cumulative counts, computed on the device: no host synchronisation.
-            run = (ep_experts._run_experts_grouped_mm_fused_gate_up if self.gate_up_impl == "fused"
-                   else ep_experts._run_experts_grouped_mm)
+            run = (
+                ep_experts._run_experts_grouped_mm_fused_gate_up
+                if self.gate_up_impl == "fused"
+                else ep_experts._run_experts_grouped_mm
+            )
             act = (self.activation, self.activation_alpha, self.activation_limit)
             return run(self.w1, self.w2, self.w3, x_SH, counts_N, *act)
         return expert_loop(self, x_SH, counts_N)
@@ -85,10 +88,12 @@ class FastAutoEPMoELayer(auto_ep_layer.AutoEPMoELayer):
 
     def _experts_across_ranks(self, routed_SH, experts_TK, counts_N) -> torch.Tensor:
         """Send slots to the ranks owning their experts, run them there, and bring the outputs back."""
-        plan = auto_ep_layer.compute_split_plan(experts_TK, self.num_experts, self.ep_size,
-                                                self.num_local_experts, self.ep_group, counts_N)
-        recv_RH = auto_ep_layer._AllToAllV.apply(self.ep_group, routed_SH, plan.input_splits,
-                                                 plan.output_splits)
+        plan = auto_ep_layer.compute_split_plan(
+            experts_TK, self.num_experts, self.ep_size, self.num_local_experts, self.ep_group, counts_N
+        )
+        recv_RH = auto_ep_layer._AllToAllV.apply(
+            self.ep_group, routed_SH, plan.input_splits, plan.output_splits
+        )
         # Received rows are grouped by (source rank, local expert); regroup them by local expert.
         counts_by_source = plan.local_counts_by_source.reshape(-1).long()
         local_ids = torch.arange(self.num_local_experts, device=recv_RH.device).repeat(self.ep_size)
@@ -112,8 +117,8 @@ def fast_path_supported(layer: auto_ep_layer.AutoEPMoELayer) -> str | None:
         "the layer has shared experts": layer.shared_experts is not None,
         "the Triton grouped GEMM is selected": getattr(experts, "use_triton_grouped_mm", False),
         "async_split_plan is enabled": bool(layer.async_split_plan and layer.ep_size > 1),
-        "the experts are not GroupedExperts": type(experts) not in (ep_experts.GroupedExperts,
-                                                                     FastGroupedExperts),
+        "the experts are not GroupedExperts": type(experts)
+        not in (ep_experts.GroupedExperts, FastGroupedExperts),
     }
     return next((reason for reason, failed in checks.items() if failed), None)
 

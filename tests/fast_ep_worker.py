@@ -19,9 +19,9 @@ import deepspeed
 import torch
 import torch.nn as nn
 
+from pipeline.ds_adapter import autoep_section
 from pipeline.fast_ep import FastAutoEPMoELayer, install_fast_path
 from pipeline.moe import MoEBlock
-from pipeline.ds_adapter import autoep_section
 
 H, I, T = 32, 48, 40
 CASES = [  # name, N, K, routing, ep_size, extra AutoEP keys

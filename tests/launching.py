@@ -51,8 +51,14 @@ LAUNCHERS = {
 
 def run_paths(workspace: Path, out: str) -> list[str]:
     """Overrides pointing a run at the workspace's upcycled model and data, writing to workspace/out."""
-    return ["--model.path", str(workspace / "moe"), "--data.path", str(workspace / "data"),
-            "--output.dir", str(workspace / out)]
+    return [
+        "--model.path",
+        str(workspace / "moe"),
+        "--data.path",
+        str(workspace / "data"),
+        "--output.dir",
+        str(workspace / out),
+    ]
 
 
 def launch(

@@ -18,8 +18,15 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fast_ep")
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "fast_ep_worker.py"), str(out)]
+    cmd = [
+        "torchrun",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "fast_ep_worker.py"),
+        str(out),
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

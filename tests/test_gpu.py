@@ -51,8 +51,16 @@ def test_grouped_gemm_experts_match_the_expert_loop(n, i):
 
 def test_fast_autoep_forward_on_grouped_mm_matches_deepspeed(tmp_path):
     needs_grouped_mm()
-    cmd = ["torchrun", "--nproc_per_node", "1", "--master_port", str(free_port()),
-           str(REPO / "tests" / "fast_ep_worker.py"), str(tmp_path), "cuda"]
+    cmd = [
+        "torchrun",
+        "--nproc_per_node",
+        "1",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "fast_ep_worker.py"),
+        str(tmp_path),
+        "cuda",
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -66,8 +74,16 @@ def test_fast_autoep_forward_on_grouped_mm_matches_deepspeed(tmp_path):
 
 
 def test_bf16_training_on_gpu_uses_the_fast_path(train_workspace):
-    common = ("--train.steps", "3", "--train.precision", "bf16", "--output.checkpoint_interval", "0",
-              "--output.eval_interval", "0")
+    common = (
+        "--train.steps",
+        "3",
+        "--train.precision",
+        "bf16",
+        "--output.checkpoint_interval",
+        "0",
+        "--output.eval_interval",
+        "0",
+    )
     launch(train_workspace, "gpu", *common, launcher="upcycle_1gpu")
     steps = losses(train_workspace, "gpu")
     assert sorted(steps) == [1, 2, 3] and all(v == v and v < 20 for v in steps.values())

@@ -261,8 +261,14 @@ def test_survivor_stops_after_timeout_when_the_network_is_cut(hosts, train_works
     """Host 1's link goes down mid-run: no connection reset reaches host 0, so only the collective timeout
     (parallel.timeout_s, also on DeepSpeed's expert/data-parallel groups) can stop it, and it does."""
     procs = start_two_hosts(
-        hosts, train_workspace, "cut", *COMMON, "--train.steps", "500", "--parallel.timeout_s",
-        str(CUT_TIMEOUT_S)
+        hosts,
+        train_workspace,
+        "cut",
+        *COMMON,
+        "--train.steps",
+        "500",
+        "--parallel.timeout_s",
+        str(CUT_TIMEOUT_S),
     )
     try:
         wait_for_checkpoint(train_workspace, "cut", "step_00000004", procs)

@@ -206,9 +206,15 @@ def test_launcher_removes_only_its_ports_leftover_shm_segments():
 def test_upcycle_prep_does_not_import_torch():
     """Only the subcommand being run is imported: data prep must not pay ~2 s for torch per call."""
     proc = subprocess.run(
-        [sys.executable, "-c", "import sys\nfrom pipeline.cli import main\n"
-         "try:\n    main(['prep', 'stats', '--help'])\nexcept SystemExit:\n    pass\n"
-         "print('torch' in sys.modules)"],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys\nfrom pipeline.cli import main\n"
+            "try:\n    main(['prep', 'stats', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert proc.stdout.strip().splitlines()[-1] == "False"

@@ -29,9 +29,7 @@ def test_expert_parallel_is_the_same_math(train_workspace):
     launch(train_workspace, "ep2", "--parallel.ep_size", "2", *common)
     launch(train_workspace, "ep1", "--parallel.ep_size", "1", *common, launcher="torchrun")
     zero3 = ("--parallel.ep_size", "2", "--parallel.zero_stage", "3")
-    launch(
-        train_workspace, "ep2_zero3", *zero3, *common, launcher="mpirun"
-    )
+    launch(train_workspace, "ep2_zero3", *zero3, *common, launcher="mpirun")
     launch(train_workspace, "ep2_stock", "--parallel.ep_size", "2", "--moe.fast_path", "false", *common)
     runs = ("ep2", "ep1", "ep2_zero3", "ep2_stock")
     ep2, ep1, zero3, stock = (losses(train_workspace, name) for name in runs)

@@ -1,1 +1,1 @@
-"""Shipped run configs, package data `pipeline.run_configs`: `upcycle train --config NAME` (pipeline/resources.py)."""
+"""Shipped run configs, package data `pipeline.run_configs`: `upcycle train --config NAME`."""
