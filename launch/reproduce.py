@@ -7,19 +7,21 @@ Both share one working directory (default `runs/quickstart` for `--size cpu`, `r
 otherwise) and skip every stage that is already complete there, so `paper` after `quickstart` reuses the
 data, the pretrained dense model and the three quickstart runs, and only trains the ablations.
 
-Stages, all through the `upcycle` command line:
+Stages, through the `upcycle` command line (the export runs in process):
   1. `upcycle prep corpus|tokenizer|tokenize`: the embedded default corpus (Python's standard library);
   2. `upcycle init` + `upcycle train` (dense, ep_size 1): pretrain a small Llama from scratch, warmup and
      cosine to the minimum learning rate, so it ends on its plateau; its final validation loss is
      `dense_start`;
-  3. export the trained dense weights to a Hugging Face directory (see `export_dense`);
+  3. export the trained dense weights to a Hugging Face directory (`pipeline.export`, in process);
   4. `upcycle convert` for each MoE variant;
   5. `upcycle train` for each variant and for the dense model itself, the same number of steps and tokens,
      the same data order and validation windows; MoE runs use expert parallelism over all ranks. The
      paper's learning-rate reset: warmup to the pretraining peak, cosine to the pretraining minimum;
   6. `results.json`, `results.md`, `val_curves.png` (and for `paper`: `reproduce.json|md|png`).
 
-Every run is seeded (data order, model init, router init); the numbers are for one seed.
+Every run is seeded (data order, model init, router init); the numbers are for one seed. What runs (sizes,
+variants, comparisons) is defined in launch/experiments.py, the result files are written by
+launch/report.py; this script runs the stages.
 """
 
 from __future__ import annotations
@@ -33,202 +35,16 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-BASE_CONFIG = REPO / "launch" / "configs" / "quickstart.yaml"
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+# launch/ is not a package: this script imports experiments.py and report.py next to it, and the pipeline.
+sys.path[:0] = [str(HERE), str(REPO)]
 
-
-@dataclass
-class Size:
-    corpus_mb: float | None  # None: the whole standard library
-    vocab: int
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    seq_len: int
-    global_batch: int
-    micro_batch: int
-    pretrain_steps: int
-    pretrain_warmup: int
-    continue_steps: int
-    continue_warmup: int
-    lr: float  # pretraining peak = continued-training peak (the paper's reset)
-    min_lr: float
-    eval_batches: int
-    eval_every: int  # evaluations during each continued run (plus one at the end)
-    valid_fraction: float
-    precision: str = "fp32"
-    fine: tuple[int, int, int] = (16, 4, 2)  # (N, K, G) of the fine-grained variant: K/G = 2 like E8T2
-    log_interval: int = 10
-
-
-SIZES = {
-    # seconds of training per run: for tests only, the numbers mean nothing
-    "tiny": Size(
-        corpus_mb=0.5,
-        vocab=384,
-        hidden=64,
-        intermediate=128,
-        layers=2,
-        heads=4,
-        kv_heads=2,
-        seq_len=32,
-        global_batch=4,
-        micro_batch=2,
-        pretrain_steps=4,
-        pretrain_warmup=1,
-        continue_steps=2,
-        continue_warmup=1,
-        lr=3e-3,
-        min_lr=3e-4,
-        eval_batches=1,
-        eval_every=1,
-        valid_fraction=0.05,
-        log_interval=1,
-    ),
-    # 2 CPU cores: the whole quickstart in 8.4 minutes (measured, machine otherwise idle)
-    "cpu": Size(
-        corpus_mb=12,
-        vocab=2048,
-        hidden=64,
-        intermediate=256,
-        layers=4,
-        heads=4,
-        kv_heads=2,
-        seq_len=128,
-        global_batch=16,
-        micro_batch=8,
-        pretrain_steps=1500,
-        pretrain_warmup=20,
-        continue_steps=250,
-        continue_warmup=5,
-        lr=2e-3,
-        min_lr=2e-4,
-        eval_batches=8,
-        eval_every=4,
-        valid_fraction=0.03,
-    ),
-    # one or more GPUs (untested here): ~100M-parameter dense Llama, bf16, 131M + 4 x 33M tokens
-    "gpu": Size(
-        corpus_mb=None,
-        vocab=8192,
-        hidden=768,
-        intermediate=2048,
-        layers=12,
-        heads=12,
-        kv_heads=4,
-        seq_len=1024,
-        global_batch=128,
-        micro_batch=16,
-        pretrain_steps=1000,  # 131M tokens: the stdlib is ~10M tokens, pass --corpus for more
-        pretrain_warmup=50,
-        continue_steps=250,
-        continue_warmup=10,
-        lr=1e-3,
-        min_lr=1e-4,
-        eval_batches=8,
-        eval_every=6,
-        valid_fraction=0.01,
-        precision="bf16",
-        fine=(32, 8, 4),
-        log_interval=20,
-    ),
-}
-
-
-@dataclass
-class Variant:
-    """One continued-training run: the dense model itself, or an upcycled MoE."""
-
-    name: str
-    experts: int = 0  # 0: dense
-    top_k: int = 0
-    granularity: int = 1
-    routing: str = "softmax-topk"
-    weight_scaling: bool = True
-    virtual_groups: bool = True
-    lr_reset: bool = True  # False: constant learning rate at the pretraining minimum
-    convert_args: list[str] = field(default_factory=list)
-
-    @property
-    def is_moe(self) -> bool:
-        return self.experts > 0
-
-    def model_key(self) -> str:
-        """Runs that differ only in training settings share one converted model."""
-        if not self.is_moe:
-            return "dense"
-        key = f"E{self.experts}T{self.top_k}G{self.granularity}-{self.routing}"
-        key += "" if self.weight_scaling else "-noscale"
-        return key + ("" if self.virtual_groups else "-novg")
-
-
-def quickstart_variants(size: Size) -> list[Variant]:
-    n, k, g = size.fine
-    return [
-        Variant("dense_continued"),
-        Variant("moe_E8T2", experts=8, top_k=2),
-        Variant(f"moe_E{n}T{k}G{g}", experts=n, top_k=k, granularity=g),
-    ]
-
-
-def paper_variants(size: Size) -> list[Variant]:
-    n, k, g = size.fine
-    return [
-        *quickstart_variants(size),
-        Variant("moe_E8T2_topk_softmax", experts=8, top_k=2, routing="topk-softmax"),
-        Variant("moe_E8T2_no_scaling", experts=8, top_k=2, weight_scaling=False),
-        Variant(
-            f"moe_E{n}T{k}G{g}_no_virtual_groups", experts=n, top_k=k, granularity=g, virtual_groups=False
-        ),
-        Variant("moe_E8T2_constant_min_lr", experts=8, top_k=2, lr_reset=False),
-        Variant("dense_continued_constant_min_lr", lr_reset=False),
-    ]
-
-
-# (title, A, B, what the paper reports): "A better than B" is the paper's direction.
-def paper_comparisons(size: Size) -> list[tuple[str, str, str, str]]:
-    n, k, g = size.fine
-    fine = f"moe_E{n}T{k}G{g}"
-    return [
-        (
-            "upcycled vs continued dense, equal tokens",
-            "moe_E8T2",
-            "dense_continued",
-            "upcycled better (15B, 1T tokens: 1.306 vs 1.377 val loss)",
-        ),
-        (
-            "softmax-then-topK vs topK-then-softmax",
-            "moe_E8T2",
-            "moe_E8T2_topk_softmax",
-            "softmax-then-topK consistently better",
-        ),
-        ("weight scaling on vs off", "moe_E8T2", "moe_E8T2_no_scaling", "scaling better"),
-        (
-            f"granularity G={g} vs G=1, equal active compute",
-            fine,
-            "moe_E8T2",
-            "mixed: fine-grained better in the 2B ablations, E8G1T2 (1.306) ahead of E8G8T8 (1.320) at 15B",
-        ),
-        (f"virtual groups on vs off (G={g})", fine, f"{fine}_no_virtual_groups", "virtual groups better"),
-        (
-            "LR reset to pretraining peak vs constant minimum (MoE)",
-            "moe_E8T2",
-            "moe_E8T2_constant_min_lr",
-            "reset better",
-        ),
-        (
-            "LR reset to pretraining peak vs constant minimum (dense)",
-            "dense_continued",
-            "dense_continued_constant_min_lr",
-            "(control: the reset is not an MoE-only effect)",
-        ),
-    ]
-
+import report  # noqa: E402
+from experiments import BASE_CONFIG, SIZES, Variant, paper_variants, quickstart_variants  # noqa: E402
 
 # ---- running the stages --------------------------------------------------------------------------------
 
@@ -453,9 +269,22 @@ class Pipeline:
         )
         dense = self.out / "dense"
         if not (dense / "model.safetensors").is_file():
-            export_dense(self.out / "runs" / "pretrain_dense", init, dense)
+            self.export_dense(self.out / "runs" / "pretrain_dense", init, dense)
             self.say(f"exported the pretrained dense model to {dense}")
         return record
+
+    def export_dense(self, run_dir: Path, init_dir: Path, out: Path) -> None:
+        """The final weights of the dense run, as a Hugging Face directory (fp32, one model.safetensors):
+        `upcycle export`'s own functions; config.json and the tokenizer come from `init_dir`."""
+        import torch
+
+        from pipeline.errors import UserError
+        from pipeline.export import export, open_source
+
+        try:
+            export(open_source(run_dir, init_dir), out, torch.float32, max_shard_bytes=2**40)
+        except UserError as exc:
+            sys.exit(f"reproduce: exporting {run_dir} failed: {exc}")
 
     def model_for(self, variant: Variant) -> Path:
         dense = self.out / "dense"
@@ -511,46 +340,8 @@ class Pipeline:
         records = [self.continued(v) for v in variants]
         return start, records
 
-    def tokens(self, steps: int) -> int:
-        return steps * self.size.global_batch * self.size.seq_len
-
 
 # ---- helpers ---------------------------------------------------------------------------------------------
-
-
-def export_dense(run_dir: Path, init_dir: Path, out: Path) -> None:
-    """Write the final weights of a dense ZeRO-1/2 training run as a Hugging Face directory.
-
-    For a dense model DeepSpeed's `mp_rank_00_model_states.pt` holds the whole (unsharded) module state
-    dict under 'module', in the training dtype (fp32 here; bf16 runs keep fp32 masters in the optimizer
-    shards, so their export is the bf16 copy). config.json and the tokenizer come from `init_dir`.
-    Local stand-in: switch to `upcycle export` once it handles dense checkpoints.
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    root = run_dir / "checkpoints"
-    tag = (root / "latest").read_text().strip()
-    states = torch.load(root / tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-    module = {k.removeprefix("module."): v for k, v in states["module"].items()}
-    from safetensors import safe_open
-
-    with safe_open(str(init_dir / "model.safetensors"), "pt") as f:
-        expected = set(f.keys())
-    missing, extra = expected - set(module), set(module) - expected
-    if missing or extra:
-        raise SystemExit(
-            f"export: checkpoint and model disagree: missing {sorted(missing)}, extra {sorted(extra)}"
-        )
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: module[k].float().contiguous() for k in sorted(expected)},
-        str(out / "model.safetensors"),
-        metadata={"format": "pt"},
-    )
-    for item in init_dir.iterdir():
-        if item.is_file() and item.name != "model.safetensors":
-            shutil.copy2(item, out / item.name)
 
 
 def independent_router_rows(model_dir: Path, seed: int) -> None:
@@ -606,75 +397,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def machine() -> str:
-    import platform
-
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    cpu = platform.processor() or platform.machine()
-    return f"{cpu}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
-
-
-def plot(path: Path, start: dict, records: list[dict], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
-    xs, ys = zip(*start["curve"], strict=True)
-    left.plot([x / 1e6 for x in xs], ys, marker="o", ms=3, color="black")
-    left.set(title="dense pretraining (from scratch)", xlabel="tokens (M)", ylabel="validation loss")
-    left.grid(alpha=0.3)
-    right.axhline(start["val_loss"], color="gray", ls=":", label=f"dense start {start['val_loss']:.3f}")
-    for rec in records:
-        xs, ys = zip(*rec["curve"], strict=True)
-        style = "--" if rec["name"].startswith("dense") else "-"
-        right.plot(
-            [x / 1e6 for x in xs], ys, style, marker="o", ms=3, label=f"{rec['name']} {rec['val_loss']:.3f}"
-        )
-    right.set(title=title, xlabel="continued-training tokens (M)", ylabel="validation loss")
-    right.grid(alpha=0.3)
-    right.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def describe(rec: dict) -> str:
-    moe = rec.get("moe")
-    if not moe:
-        return "dense"
-    return (
-        f"N={moe['num_experts']} K={moe['top_k']} G={moe['granularity']} {moe['routing']}, "
-        f"scale {moe['expert_scale']:g}"
-    )
-
-
-def results_table(start: dict, records: list[dict]) -> str:
-    lines = [
-        "| run | model | params | lr schedule | tokens | val loss | vs dense continued |",
-        "|---|---|---:|---|---:|---:|---:|",
-        f"| dense_start (end of pretraining) | dense | {start.get('params_total', 0) / 1e6:.2f}M | "
-        f"warmup + cosine {start['lr']:g} -> {start['min_lr']:g} | {start['tokens']:,} | "
-        f"{start['val_loss']:.4f} | |",
-    ]
-    base = next((r["val_loss"] for r in records if r["name"] == "dense_continued"), None)
-    for rec in records:
-        sched = (
-            f"reset: cosine {rec['lr']:g} -> {rec['min_lr']:g}"
-            if rec["schedule"] == "cosine"
-            else f"constant {rec['lr']:g}"
-        )
-        delta = f"{rec['val_loss'] - base:+.4f}" if base is not None else ""
-        lines.append(
-            f"| {rec['name']} | {describe(rec)} | {rec['params_total'] / 1e6:.2f}M | {sched} | "
-            f"{rec['tokens']:,} | {rec['val_loss']:.4f} | {delta} |"
-        )
-    return "\n".join(lines)
-
-
 # ---- commands --------------------------------------------------------------------------------------------
 
 
@@ -683,43 +405,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     p.say(f"quickstart, size {args.size}: working directory {p.out}")
     start, records = p.run(quickstart_variants(p.size))
     start["params_total"] = count_params(p.out / "dense")
-    wall = time.time() - p.started
-    result = {
-        "dense_start": {"val_loss": start["val_loss"], "tokens": start["tokens"], "steps": start["steps"]},
-        "dense_continued": next(
-            {"val_loss": r["val_loss"], "tokens": r["tokens"]}
-            for r in records
-            if r["name"] == "dense_continued"
-        ),
-        "moe": [
-            {"name": r["name"], "val_loss": r["val_loss"], "tokens": r["tokens"], "config": describe(r)}
-            for r in records
-            if r["moe"]
-        ],
-        "settings": p.settings(),
-        "wall_seconds": round(wall, 1),
-        "machine": machine(),
-        "runs": {r["name"]: r for r in [start, *records]},
-    }
-    (p.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = results_table(start, records)
-    (p.out / "results.md").write_text(table + "\n")
-    plot(p.out / "val_curves.png", start, records, "continued training at equal tokens")
-    best = min(result["moe"], key=lambda m: m["val_loss"])
-    dense_c = result["dense_continued"]["val_loss"]
-    print()
-    print(table)
-    print()
-    verdict = "lower" if best["val_loss"] < dense_c else "NOT lower"
-    print(
-        f"best MoE {best['name']}: {best['val_loss']:.4f}, {verdict} than continued dense {dense_c:.4f} "
-        f"at {result['dense_continued']['tokens']:,} tokens"
-    )
-    print(
-        f"results: {p.out / 'results.json'}   plot: {p.out / 'val_curves.png'}   "
-        f"wall time {wall / 60:.1f} min"
-    )
-    print(f"view the runs:  tensorboard --logdir {p.out / 'runs'}")
+    report.write_quickstart(p.out, p.settings(), start, records, time.time() - p.started)
     return 0
 
 
@@ -732,49 +418,7 @@ def cmd_paper(args: argparse.Namespace) -> int:
         variants = [v for v in variants if v.name in wanted]
     start, records = p.run(variants)
     start["params_total"] = count_params(p.out / "dense")
-    by_name = {r["name"]: r for r in records}
-    s = p.size
-    lines = [
-        f"Size `{args.size}`: dense Llama H={s.hidden}, F={s.intermediate}, {s.layers} layers, "
-        f"vocab {s.vocab}, "
-        f"{start['params_total'] / 1e6:.2f}M parameters; pretrained {start['steps']} steps = "
-        f"{start['tokens']:,} tokens; every continued run {s.continue_steps} steps = "
-        f"{p.tokens(s.continue_steps):,} tokens (batch {s.global_batch} x {s.seq_len}); seed 1234 (data), "
-        f"0 (init, router); {p.nproc} ranks; {machine()}.",
-        "",
-        results_table(start, records),
-        "",
-        "| comparison | A | B | val A | val B | A - B | paper | same direction here |",
-        "|---|---|---|---:|---:|---:|---|---|",
-    ]
-    verdicts = []
-    for title, a, b, paper in paper_comparisons(s):
-        if a not in by_name or b not in by_name:
-            continue
-        va, vb = by_name[a]["val_loss"], by_name[b]["val_loss"]
-        same = "yes" if va < vb else "no"
-        verdicts.append({"comparison": title, "a": a, "b": b, "val_a": va, "val_b": vb, "a_better": va < vb})
-        lines.append(f"| {title} | {a} | {b} | {va:.4f} | {vb:.4f} | {va - vb:+.4f} | {paper} | {same} |")
-    text = "\n".join(lines) + "\n"
-    (p.out / "reproduce.md").write_text(text)
-    (p.out / "reproduce.json").write_text(
-        json.dumps(
-            {
-                "settings": p.settings(),
-                "dense_start": start,
-                "runs": records,
-                "comparisons": verdicts,
-                "wall_seconds": round(time.time() - p.started, 1),
-            },
-            indent=2,
-        )
-        + "\n"
-    )
-    plot(p.out / "reproduce.png", start, records, "paper comparisons: continued training at equal tokens")
-    print()
-    print(text)
-    print(f"table: {p.out / 'reproduce.md'}   plot: {p.out / 'reproduce.png'}")
-    print(f"view the runs:  tensorboard --logdir {p.out / 'runs'}")
+    report.write_paper(p.out, p.settings(), start, records, time.time() - p.started)
     return 0
 
 

@@ -1,20 +1,26 @@
-"""`upcycle export`: an upcycled directory or a DeepSpeed training checkpoint becomes a stock Hugging Face
-checkpoint that `transformers.AutoModelForCausalLM.from_pretrained` loads without `trust_remote_code`.
+"""`upcycle export`: an upcycled or dense model directory, or a DeepSpeed training checkpoint of either,
+becomes a stock Hugging Face checkpoint that `transformers.AutoModelForCausalLM.from_pretrained` loads
+without `trust_remote_code`.
 
-The target class is the one that computes our routing exactly:
+The target class is the one that computes our model exactly. A dense model (no `moe` section in config.json)
+keeps its own family's class (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM): its config.json is a
+stock one already and is written back with only `dtype` (and `architectures`) set, the weights under the same
+names. That is how a dense training run's weights leave DeepSpeed; for a dense model directory it is a re-save
+in the chosen dtype. For an upcycled model:
 
     routing        MoE in every layer, no q/k/v biases   otherwise (partial MoE layers, Qwen2 q/k/v biases)
     topk-softmax   MixtralForCausalLM                    Qwen2MoeForCausalLM, norm_topk_prob=true
     softmax-topk   Qwen2MoeForCausalLM, norm_topk_prob=false (softmax over all N, top-K, no renormalising)
 
 Qwen2MoE gets `shared_expert_intermediate_size: 0` (the shared expert is an empty matrix, its output is 0)
-and `mlp_only_layers` for the layers that stayed dense. Settings no stock class represents exactly (expert
+and `mlp_only_layers` for the layers that stayed dense. Settings no stock MoE class represents exactly (expert
 biases from Llama `mlp_bias`, an `o_proj` bias from Llama `attention_bias`) are refused with the reason.
 
-Training checkpoints: `output.dir`, `output.dir/checkpoints` or one `step_*` directory. ZeRO-1/2 weights are
-read from DeepSpeed's model-state and per-expert files; ZeRO-3 checkpoints (no per-expert files) go through
-DeepSpeed's universal-checkpoint converter first. `config.json` and the tokenizer come from the upcycled
-model directory the run started from (`config.model.path` in run_state.json, or `--model`).
+Training checkpoints: `output.dir`, `output.dir/checkpoints` or one `step_*` directory (docs/design.md §6).
+ZeRO-1/2 weights are read from DeepSpeed's model-state and per-expert files; ZeRO-3 checkpoints (no
+per-expert files) go through DeepSpeed's universal-checkpoint converter first; AutoEP's names are mapped back
+to ours (docs/design.md §4). `config.json` and the tokenizer come from the model directory the run started
+from (`config.model.path` in run_state.json, or `--model`).
 """
 
 from __future__ import annotations
@@ -30,30 +36,40 @@ from pathlib import Path
 
 import torch
 
+from pipeline import checkpointing
 from pipeline.config import ModelConfig, read_hf_config
+from pipeline.ds_adapter import autoep_to_ours
 from pipeline.errors import UserError
-from pipeline.hf_io import CheckpointReader, ShardWriter, copy_tokenizer_files
-
-EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from pipeline.hf_io import (
+    CheckpointReader,
+    ShardWriter,
+    build_model,
+    copy_tokenizer_files,
+    dtype_name,
+    expected_shapes,
+    resolve_dtype,
+)
+from pipeline.init_model import ARCHITECTURES
 
 
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
-        help="write a Hugging Face (Mixtral / Qwen2MoE) checkpoint from an upcycled or trained model",
+        help="write a stock Hugging Face checkpoint (Mixtral / Qwen2MoE, or the dense family's class) from "
+        "an upcycled, dense or trained model",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--checkpoint",
         required=True,
-        help="upcycled model directory, or a training output.dir / checkpoints dir / step_* dir",
+        help="upcycled or dense model directory, or a training output.dir / checkpoints dir / step_* dir",
     )
     p.add_argument("--out", required=True, help="output directory for the Hugging Face checkpoint")
     p.add_argument(
         "--model",
         default=None,
-        help="for training checkpoints: the upcycled model directory the run started from (config.json, "
+        help="for training checkpoints: the model directory the run started from (config.json, "
         "tokenizer); default: config.model.path recorded in run_state.json",
     )
     p.add_argument(
@@ -98,7 +114,7 @@ class Source:
 
 
 def open_source(path: str | Path, model_dir: str | Path | None = None) -> Source:
-    """An upcycled model directory, or a training checkpoint (output.dir, checkpoints/ or step_*)."""
+    """A model directory, or a training checkpoint (output.dir, checkpoints/ or step_*)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"--checkpoint {path}: not found")
@@ -106,7 +122,7 @@ def open_source(path: str | Path, model_dir: str | Path | None = None) -> Source
         raw, config = read_hf_config(path)
         return Source(path, raw, config, CheckpointReader(path), f"model directory {path}")
     tag_dir = find_training_checkpoint(path)
-    run_state = json.loads((tag_dir / "run_state.json").read_text())
+    run_state = checkpointing.read_run_state(tag_dir)
     if model_dir is None:
         model_dir = run_state.get("config", {}).get("model", {}).get("path")
         if not model_dir:
@@ -115,7 +131,7 @@ def open_source(path: str | Path, model_dir: str | Path | None = None) -> Source
     if not (model_dir / "config.json").is_file():
         raise UserError(
             f"{model_dir}: no config.json (the model directory the run in {tag_dir} started from); "
-            "pass --model DIR pointing at the upcycled model directory"
+            "pass --model DIR pointing at the model directory the run started from"
         )
     raw, config = read_hf_config(model_dir)
     state = load_training_state(tag_dir, config)
@@ -123,31 +139,21 @@ def open_source(path: str | Path, model_dir: str | Path | None = None) -> Source
 
 
 def find_training_checkpoint(path: Path) -> Path:
-    """The step directory meant by `path`: itself, or what `latest` names under it."""
-    if (path / "run_state.json").is_file():
+    """The step directory meant by `path`: itself, or what `latest` names in it or in its checkpoints/."""
+    if (path / checkpointing.RUN_STATE).is_file():
         return path
-    for root in (path, path / "checkpoints"):
-        if (root / "latest").is_file():
-            tag = (root / "latest").read_text().strip()
-            if not (root / tag / "run_state.json").is_file():
-                raise UserError(f"{root / 'latest'} names {tag!r}, which has no run_state.json")
+    for root in (path, checkpointing.checkpoint_root(path)):
+        tag = checkpointing.read_latest(root)
+        if tag is not None:
             return root / tag
-    # An output.dir whose checkpoints/latest lives one level down is handled above; say what we expected.
     raise UserError(
         f"--checkpoint {path}: neither a model directory (config.json) nor a training checkpoint "
-        "(run_state.json, or a 'latest' file in it or in its checkpoints/ folder)"
+        f"({checkpointing.RUN_STATE}, or a '{checkpointing.LATEST}' file in it or in its checkpoints/ folder)"
     )
 
 
-def _expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
-    from pipeline.model import CausalLM
-
-    with torch.device("meta"):
-        return {k: v.shape for k, v in CausalLM(config).state_dict().items()}
-
-
 def load_training_state(tag_dir: Path, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Full (un-partitioned) weights of a DeepSpeed AutoEP checkpoint, under our parameter names."""
+    """Full (un-partitioned) weights of a DeepSpeed checkpoint (dense, or MoE under AutoEP), our names."""
     if (tag_dir / "mp_rank_00_model_states.pt").is_file():
         raw = _read_zero12(tag_dir)
     elif list(tag_dir.glob("zero_pp_rank_*_mp_rank_00_model_states.pt")):
@@ -212,25 +218,11 @@ def _read_through_universal(tag_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _to_our_names(raw: dict[str, torch.Tensor], config: ModelConfig, where: Path) -> dict[str, torch.Tensor]:
-    """AutoEP names (`mlp.router.gate`, `experts.w1/w2/w3`) back to ours (`mlp.gate`, fused gate_up)."""
-    shapes = _expected_shapes(config)
-    state = {}
-    for name, tensor in raw.items():
-        if name.endswith(".experts.w1"):
-            base = name[: -len(".w1")]
-            w3 = raw.get(base + ".w3")
-            if w3 is None:
-                raise UserError(f"{where}: {base}.w3 (up_proj) is missing")
-            state[base + ".gate_up_proj"] = torch.cat([tensor, w3], dim=1)  # [N, 2I, H]: gate rows, then up
-        elif name.endswith(".experts.w2"):
-            state[name[: -len(".w2")] + ".down_proj"] = tensor  # [N, H, I]
-        elif name.endswith(".experts.w3"):
-            continue
-        else:
-            state[name.replace(".mlp.router.gate.", ".mlp.gate.")] = tensor
+    """AutoEP's names back to ours (the map is `ds_adapter.autoep_to_ours`), checked against the config."""
+    state = autoep_to_ours(raw, where)
+    shapes = expected_shapes(config)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-        shapes.pop("lm_head.weight")
     missing = sorted(set(shapes) - set(state))
     unexpected = sorted(set(state) - set(shapes))
     if missing or unexpected:
@@ -266,12 +258,10 @@ def rope_parameters(config: ModelConfig) -> dict:
 
 
 def choose_target(config: ModelConfig) -> str:
-    """'mixtral' or 'qwen2_moe'; UserError saying why when no stock class computes this model exactly."""
+    """The stock class name; UserError saying why when no stock class computes this model exactly."""
     moe = config.moe
     if moe is None:
-        raise UserError(
-            "the model has no MoE layers: it is a dense Hugging Face checkpoint already (load it as it is)"
-        )
+        return ARCHITECTURES[config.model_type]  # a dense model: its own family's class
     if config.mlp_bias:
         raise UserError(
             "the experts have biases (mlp_bias=true): neither MixtralForCausalLM nor Qwen2MoeForCausalLM has "
@@ -285,18 +275,22 @@ def choose_target(config: ModelConfig) -> str:
         )
     all_layers = tuple(moe.layers) == tuple(range(config.num_hidden_layers))
     if moe.routing == "topk-softmax" and all_layers and not config.qkv_bias:
-        return "mixtral"
+        return "MixtralForCausalLM"
     # softmax-topk needs norm_topk_prob=false (Mixtral always renormalises); partial MoE needs mlp_only_layers
     # and q/k/v biases need qkv_bias: Qwen2MoE has all three.
-    return "qwen2_moe"
+    return "Qwen2MoeForCausalLM"
 
 
 def hf_config_dict(raw: dict, config: ModelConfig, dtype: torch.dtype) -> tuple[dict, str]:
-    """The config.json of the export, built by transformers' own config class; returns (dict, class name)."""
+    """The config.json of the export and its class name. A dense model's config.json is a stock one: written
+    back with the dtype set. An MoE one is built by transformers' own config class."""
     import transformers
 
     moe = config.moe
-    target = choose_target(config)
+    arch = choose_target(config)
+    if moe is None:
+        d = {key: value for key, value in raw.items() if key != "torch_dtype"}  # `dtype` is the current key
+        return {**d, "architectures": [arch], "dtype": dtype_name(dtype)}, arch
     common = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -316,7 +310,7 @@ def hf_config_dict(raw: dict, config: ModelConfig, dtype: torch.dtype) -> tuple[
         eos_token_id=raw.get("eos_token_id"),
         pad_token_id=raw.get("pad_token_id"),
     )
-    if target == "mixtral":
+    if arch == "MixtralForCausalLM":
         cfg = transformers.MixtralConfig(
             **common,
             intermediate_size=moe.expert_intermediate_size,
@@ -324,7 +318,6 @@ def hf_config_dict(raw: dict, config: ModelConfig, dtype: torch.dtype) -> tuple[
             sliding_window=None,
             router_jitter_noise=0.0,
         )
-        arch = "MixtralForCausalLM"
     else:
         cfg = transformers.Qwen2MoeConfig(
             **common,
@@ -338,10 +331,9 @@ def hf_config_dict(raw: dict, config: ModelConfig, dtype: torch.dtype) -> tuple[
             qkv_bias=config.qkv_bias,
             use_sliding_window=False,
         )
-        arch = "Qwen2MoeForCausalLM"
     cfg.architectures = [arch]
     d = cfg.to_dict()
-    d["dtype"] = str(dtype).removeprefix("torch.")
+    d["dtype"] = dtype_name(dtype)
     d["upcycle_moe"] = moe.to_dict()  # provenance only: transformers ignores it
     # A key we set that the config class dropped would silently change the model.
     for key in ("head_dim", "rope_parameters", "num_experts_per_tok", "tie_word_embeddings"):
@@ -357,9 +349,7 @@ def export(source: Source, out: Path, dtype: torch.dtype, max_shard_bytes: int) 
     """Write config.json, safetensors shards (+ index) and the tokenizer to `out`; return (class, files)."""
     config = source.config
     hf_config, arch = hf_config_dict(source.raw_config, config, dtype)
-    shapes = _expected_shapes(config)
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight")
+    shapes = expected_shapes(config)
     missing = [n for n in shapes if n not in source.reader]
     if missing:
         raise UserError(f"{source.description}: tensors missing: {missing[:4]}")
@@ -384,20 +374,7 @@ def export(source: Source, out: Path, dtype: torch.dtype, max_shard_bytes: int) 
 
 def our_model(source: Source):
     """Our `CausalLM` (fp32) holding the source's weights: the reference an export must reproduce."""
-    from pipeline.model import CausalLM, RotaryEmbedding
-
-    config = source.config
-    with torch.device("meta"):
-        model = CausalLM(config)
-    names = list(model.state_dict())
-    if config.tie_word_embeddings:
-        names.remove("lm_head.weight")
-    state = {n: source.reader.get(n).to(torch.float32) for n in names}
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = RotaryEmbedding(config)
-    return model.eval()
+    return build_model(source.config, source.reader, torch.float32, "cpu", where=source.description)
 
 
 def compare_logits(source: Source, out: Path, n_tokens: int = 128, seed: int = 0) -> float:
@@ -420,11 +397,9 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} exists and is not empty; choose another directory or pass --force")
     source = open_source(args.checkpoint, args.model)
     choose_target(source.config)  # refuse before writing anything
-    half = {"bfloat16": torch.bfloat16, "float16": torch.float16}
-    auto = half.get(source.config.torch_dtype, torch.float32)
-    dtype = EXPORT_DTYPES[args.dtype] if args.dtype != "auto" else auto
+    dtype = resolve_dtype(args.dtype, source.config)
     arch, files = export(source, out, dtype, int(args.max_shard_size * 2**30))
-    print(f"exported {source.description} as {arch} ({str(dtype).removeprefix('torch.')}) to {out}: {files}")
+    print(f"exported {source.description} as {arch} ({dtype_name(dtype)}) to {out}: {files}")
     if args.verify:
         print(f"verify: relative logit error (fp32) against our model: {compare_logits(source, out):.3e}")
     return 0

@@ -146,40 +146,64 @@ def resolve_dtype(name: str | None, config: ModelConfig) -> torch.dtype:
     return DTYPES[key]
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype | None = "float32", device: str = "cpu"):
-    """Load a dense Hugging Face or upcycled checkpoint directory as a `CausalLM`.
+def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    """name -> shape of every tensor a checkpoint of `config` holds (no `lm_head.weight` when tied)."""
+    from pipeline.model import CausalLM
 
-    Every parameter the model expects must be present with the exact shape; unexpected tensors are an
-    error too, so a mismatched checkpoint never loads silently.
+    with torch.device("meta"):
+        shapes = {name: t.shape for name, t in CausalLM(config).state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def build_model(
+    config: ModelConfig,
+    reader,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    where: str | Path = "checkpoint",
+):
+    """Our `CausalLM`, built on the meta device and filled tensor by tensor from `reader`.
+
+    `reader` is anything with the `CheckpointReader` interface (`names()`, `in`, `get(name)`): a safetensors
+    directory, or the in-memory state of a training checkpoint (`pipeline.export.DictReader`). Every
+    parameter the model expects must be present with the exact shape; unexpected tensors are an error too,
+    so a mismatched checkpoint never loads silently. `where` names the source in error messages.
     """
     from pipeline.model import CausalLM, RotaryEmbedding
 
-    _, config = read_hf_config(path)
-    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, config)
     with torch.device("meta"):
         model = CausalLM(config)
-    expected = dict(model.state_dict())
-    reader = CheckpointReader(path)
-    if config.tie_word_embeddings:
-        expected.pop("lm_head.weight")
     state = {}
-    for name, meta in expected.items():
+    for name, shape in expected_shapes(config).items():
         if name not in reader:
             raise UserError(
-                f"{path}: tensor {name!r} is missing from the checkpoint (config.json says it exists)"
+                f"{where}: tensor {name!r} is missing from the checkpoint (config.json says it exists)"
             )
         tensor = reader.get(name)
-        if list(tensor.shape) != list(meta.shape):
+        if list(tensor.shape) != list(shape):
             raise UserError(
-                f"{path}: tensor {name!r} has shape {list(tensor.shape)}, config.json implies "
-                f"{list(meta.shape)}"
+                f"{where}: tensor {name!r} has shape {list(tensor.shape)}, config.json implies {list(shape)}"
             )
-        state[name] = tensor.to(device=device, dtype=torch_dtype)
-    unexpected = sorted(set(reader.names()) - set(expected) - {"lm_head.weight"})
+        state[name] = tensor.to(device=device, dtype=dtype)
+    unexpected = sorted(set(reader.names()) - set(state) - {"lm_head.weight"})
     if unexpected:
-        raise UserError(f"{path}: the checkpoint has tensors the model does not: {unexpected[:5]}")
+        raise UserError(f"{where}: the checkpoint has tensors the model does not: {unexpected[:5]}")
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb = RotaryEmbedding(config).to(device)  # non-persistent buffer: rebuild off meta
     return model.eval()
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config.json spelling of a dtype: torch.bfloat16 -> 'bfloat16'."""
+    return str(dtype).removeprefix("torch.")
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype | None = "float32", device: str = "cpu"):
+    """Load a dense Hugging Face or upcycled checkpoint directory as a `CausalLM` (see `build_model`)."""
+    _, config = read_hf_config(path)
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, config)
+    return build_model(config, CheckpointReader(path), torch_dtype, device, where=path)

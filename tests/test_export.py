@@ -1,6 +1,7 @@
 """`upcycle export` and `upcycle eval`: stock transformers must reproduce our logits, for both routings, a
-fine-grained setting, partial MoE layers, Qwen2 biases, llama3 rope, tied embeddings and DeepSpeed training
-checkpoints (ZeRO-2 EP=2 and ZeRO-3 EP=1); settings no stock class computes exactly are refused."""
+fine-grained setting, partial MoE layers, Qwen2 biases, llama3 rope, tied embeddings, dense models and
+DeepSpeed training checkpoints (MoE: ZeRO-2 EP=2 and ZeRO-3 EP=1; dense: ZeRO-2 and ZeRO-3); settings no
+stock class computes exactly are refused."""
 
 from __future__ import annotations
 
@@ -118,9 +119,11 @@ def test_export_refuses_what_no_stock_class_computes(tmp_path, overrides, messag
     err = capsys.readouterr().err
     assert message in err and "no stock transformers class" in err
     assert not (tmp_path / "hf").exists() or not any((tmp_path / "hf").iterdir())
-    # A dense checkpoint is refused too (it is a Hugging Face checkpoint already).
-    assert main(["export", "--checkpoint", str(tmp_path / "dense"), "--out", str(tmp_path / "hf2")]) == 2
-    assert "no MoE layers" in capsys.readouterr().err
+    # The dense model itself has a stock class (Llama has both biases): the export is a re-save.
+    assert main(["export", "--checkpoint", str(tmp_path / "dense"), "--out", str(tmp_path / "hf2"),
+                 "--verify"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert "relative logit error" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -170,3 +173,33 @@ def test_export_and_eval_of_training_checkpoints(train_workspace):
     with torch.no_grad():
         init = load_model(workspace / "moe")(ids)
     assert rel(logits["exp_z2"], init) > 1e-3
+
+
+@pytest.mark.slow
+def test_export_of_dense_training_checkpoints(train_workspace):
+    """A run trained from a dense model (ZeRO-2 and ZeRO-3) exports to the family's own class: stock
+    transformers reproduces our logits of the training checkpoint, and the weights are the trained ones."""
+    from pipeline.export import compare_logits, open_source
+
+    workspace = train_workspace
+    dense = workspace / "dense"
+    common = ("--model.path", str(dense), "--parallel.ep_size", "1", "--train.steps", "2", "--train.lr",
+              "3e-3", "--output.checkpoint_interval", "0", "--output.eval_interval", "0")  # fmt: skip
+    ids = torch.randint(0, 384, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        init = load_model(dense)(ids)
+    logits = {}
+    for stage in ("2", "3"):
+        run, out = workspace / f"dense_z{stage}", workspace / f"dense_z{stage}_hf"
+        launch(workspace, run.name, "--parallel.zero_stage", stage, *common)
+        assert main(["export", "--checkpoint", str(run), "--out", str(out), "--verify"]) == 0
+        config = json.loads((out / "config.json").read_text())
+        assert config["architectures"] == ["LlamaForCausalLM"] and "moe" not in config
+        assert (out / "tokenizer.json").read_bytes() == (dense / "tokenizer.json").read_bytes()
+        error = compare_logits(open_source(run), out)
+        print(f"dense export round trip ZeRO-{stage}: relative logit error {error:.2e}")
+        assert error < TOLERANCE
+        logits[stage], hf_model = hf_logits(out, ids)
+        assert type(hf_model).__name__ == "LlamaForCausalLM"
+        assert rel(logits[stage], init) > 1e-3  # the trained weights, not the initial dense ones
+    assert rel(logits["3"], logits["2"]) < 1e-4
