@@ -16,7 +16,14 @@ from tqdm import tqdm
 
 from pipeline.config import ROUTINGS, ModelConfig, MoEConfig, read_hf_config
 from pipeline.errors import UserError
-from pipeline.hf_io import CheckpointReader, ShardWriter, copy_tokenizer_files, resolve_dtype
+from pipeline.hf_io import (
+    DTYPE_CHOICES,
+    CheckpointReader,
+    ShardWriter,
+    copy_tokenizer_files,
+    dtype_name,
+    resolve_dtype,
+)
 from pipeline.upcycle import make_moe_config, upcycle_mlp, virtual_group_router
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
@@ -47,7 +54,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--dtype",
-        choices=("auto", "bf16", "fp32"),
+        choices=DTYPE_CHOICES,
         default="auto",
         help="dtype of the written weights (auto: the dense checkpoint's)",
     )
@@ -129,7 +136,7 @@ def convert(
     files = writer.close()
     out_config = dict(raw_config)
     out_config["moe"] = moe.to_dict()
-    out_config["dtype"] = str(dtype).removeprefix("torch.")
+    out_config["dtype"] = dtype_name(dtype)
     out_config.pop("torch_dtype", None)
     (out / "config.json").write_text(json.dumps(out_config, indent=2) + "\n")
     return files

@@ -41,6 +41,7 @@ from pipeline.config import ModelConfig, read_hf_config
 from pipeline.ds_adapter import autoep_to_ours
 from pipeline.errors import UserError
 from pipeline.hf_io import (
+    DTYPE_CHOICES,
     CheckpointReader,
     ShardWriter,
     build_model,
@@ -72,9 +73,7 @@ def add_parser(subparsers) -> None:
         help="for training checkpoints: the model directory the run started from (config.json, "
         "tokenizer); default: config.model.path recorded in run_state.json",
     )
-    p.add_argument(
-        "--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto", help="auto: the model's dtype"
-    )
+    p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: the model's dtype")
     p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per output safetensors shard")
     p.add_argument(
         "--verify",

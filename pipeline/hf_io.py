@@ -30,6 +30,7 @@ TOKENIZER_FILES = (
     "generation_config.json",
     "chat_template.jinja",
 )
+# The one dtype map: config.json spellings and our flag spellings (`--dtype`, DTYPE_CHOICES).
 DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -38,6 +39,7 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+DTYPE_CHOICES = ("auto", "fp32", "bf16", "fp16")  # `--dtype` of convert and export; auto: the model's own
 
 
 class CheckpointReader:
@@ -142,7 +144,7 @@ def resolve_dtype(name: str | None, config: ModelConfig) -> torch.dtype:
     """`auto`/None -> the checkpoint's own dtype; else fp32/bf16/fp16 by name."""
     key = config.torch_dtype if name in (None, "auto") else name
     if key not in DTYPES:
-        raise UserError(f"dtype {key!r} is not supported; use one of fp32, bf16, fp16, auto")
+        raise UserError(f"dtype {key!r} is not supported; use one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[key]
 
 
