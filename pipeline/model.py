@@ -2,7 +2,7 @@
 
 Parameter names follow Hugging Face (`model.layers.0.self_attn.q_proj.weight`, `lm_head.weight`), so a
 Hugging Face state dict loads as it is. Decoder layers listed in `config.moe.layers` have an `MoEBlock`
-as their `mlp`. No distributed code lives here: parallelism is applied from `pipeline/train.py`.
+as their `mlp`. No distributed code lives here: parallelism is applied from `pipeline/ds_adapter.py`.
 """
 
 from __future__ import annotations
