@@ -20,6 +20,7 @@ from pipeline.hf_io import (
     DTYPE_CHOICES,
     CheckpointReader,
     ShardWriter,
+    check_against_config,
     copy_tokenizer_files,
     dtype_name,
     resolve_dtype,
@@ -89,6 +90,7 @@ def run_cli(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.force:
         raise UserError(f"--out {out} exists and is not empty; choose another directory or pass --force")
     reader = CheckpointReader(args.dense)  # validates the weight files before any work
+    check_against_config(reader, config)
     print(format_plan(config, moe))
     started = time.perf_counter()
     files = convert(

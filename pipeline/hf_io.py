@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pipeline.config import ModelConfig, read_hf_config
@@ -46,24 +46,31 @@ class CheckpointReader:
     """Name -> tensor access over `model.safetensors` or sharded files with an index, one tensor at a time."""
 
     def __init__(self, model_dir: str | Path):
+        """Read the index (if any) and every file's header: a missing, truncated or corrupt file, or an
+        index that names a tensor its file does not hold, is a UserError here, before any work."""
         self.dir = Path(model_dir)
         index_path, single_path = self.dir / INDEX_FILE, self.dir / SINGLE_FILE
         if index_path.is_file():
-            weight_map = json.loads(index_path.read_text()).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise UserError(f"{index_path}: missing the 'weight_map' field")
-            self.file_of = {name: self.dir / fname for name, fname in weight_map.items()}
+            self.file_of = {name: self.dir / fname for name, fname in _weight_map(index_path).items()}
         elif single_path.is_file():
-            with safe_open(single_path, "pt") as f:
-                self.file_of = {name: single_path for name in f.keys()}
+            self.file_of = {name: single_path for name in _tensor_names(single_path)}
         else:
             raise UserError(
                 f"{self.dir}: no {SINGLE_FILE} or {INDEX_FILE}; only safetensors checkpoints are "
                 "read (convert .bin/.pt weights to safetensors first)"
             )
-        for path in set(self.file_of.values()):
-            if not path.is_file():
-                raise UserError(f"{path}: listed in {index_path.name} but missing")
+        if index_path.is_file():
+            for path in sorted(set(self.file_of.values())):
+                if not path.is_file():
+                    raise UserError(f"{path}: listed in {index_path} but missing")
+                absent = sorted(
+                    n for n, p in self.file_of.items() if p == path and n not in _tensor_names(path)
+                )
+                if absent:
+                    raise UserError(
+                        f"{index_path} places {absent[:3]} in {path.name}, which holds no such tensor "
+                        f"({len(absent)} in all): the index and the weight files are from different saves"
+                    )
 
     def names(self) -> list[str]:
         return list(self.file_of)
@@ -80,6 +87,48 @@ class CheckpointReader:
     def shape(self, name: str) -> list[int]:
         with safe_open(self.file_of[name], "pt") as f:
             return list(f.get_slice(name).get_shape())
+
+
+def _weight_map(index_path: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index_path.read_text()).get("weight_map")
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise UserError(f"{index_path}: not a valid safetensors index ({exc})") from None
+    if not isinstance(weight_map, dict):
+        raise UserError(f"{index_path}: missing the 'weight_map' field")
+    return weight_map
+
+
+def _tensor_names(path: Path) -> set[str]:
+    """The tensor names in a safetensors file's header; UserError naming the file when it is unreadable."""
+    try:
+        with safe_open(path, "pt") as f:
+            return set(f.keys())
+    except (SafetensorError, OSError) as exc:
+        raise UserError(
+            f"{path}: not a readable safetensors file ({exc}); it is truncated or corrupt "
+            f"({path.stat().st_size:,} bytes on disk): download or copy it again"
+        ) from None
+
+
+def check_against_config(reader: CheckpointReader, config: ModelConfig) -> None:
+    """Header-only check, before any work: every tensor config.json implies is in the checkpoint with its
+    shape, and the checkpoint holds no other (a tied `lm_head.weight` may be present)."""
+    where = reader.dir
+    shapes = expected_shapes(config)
+    missing = [name for name in shapes if name not in reader]
+    if missing:
+        raise UserError(
+            f"{where}: tensors {missing[:3]} are missing ({len(missing)} in all; config.json implies them)"
+        )
+    for name, shape in shapes.items():
+        if reader.shape(name) != list(shape):
+            raise UserError(
+                f"{where}: tensor {name!r} has shape {reader.shape(name)}, config.json implies {list(shape)}"
+            )
+    unexpected = sorted(set(reader.names()) - set(shapes) - {"lm_head.weight"})
+    if unexpected:
+        raise UserError(f"{where}: the checkpoint has tensors the model does not: {unexpected[:5]}")
 
 
 class ShardWriter:
