@@ -1,8 +1,9 @@
 """Typed model configuration: the single source of truth for shapes, read from a Hugging Face `config.json`.
 
-`ModelConfig.from_hf_dict` accepts Llama, Mistral and Qwen2 configs (old `rope_scaling` + `rope_theta`
-and new `rope_parameters` spellings) and refuses, naming the field, anything the model cannot represent
-exactly. An upcycled checkpoint is the dense config plus a `moe` section, parsed into `MoEConfig`.
+`ModelConfig.from_hf_dict` accepts Llama, Mistral, Qwen2 and Qwen3 configs (old `rope_scaling` +
+`rope_theta` and new `rope_parameters` spellings; sliding windows as transformers applies them) and
+refuses, naming the field, anything the model cannot represent exactly. An upcycled checkpoint is the
+dense config plus a `moe` section, parsed into `MoEConfig`.
 """
 
 from __future__ import annotations
@@ -14,20 +15,33 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
 ROUTINGS = ("softmax-topk", "topk-softmax")
 
 
 @dataclass(frozen=True)
 class RopeConfig:
+    """RoPE as transformers 5 computes it (`modeling_rope_utils`), every default resolved by `_parse_rope`."""
+
     theta: float = 10000.0
     type: str = "default"
-    factor: float = 1.0
-    # llama3 only
+    factor: float = 1.0  # linear, llama3, dynamic, yarn; longrope: only for the default attention_factor
+    # llama3
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
+    # The context the frequencies were pretrained for: llama3, yarn, longrope read it from the rope fields;
+    # dynamic scales beyond max_position_embeddings (as transformers does), which is stored here.
     original_max_position_embeddings: int = 8192
+    # yarn, longrope: multiplies cos and sin (1 for every other type)
+    attention_factor: float = 1.0
+    # yarn: the correction range (in rotations) between extrapolated and interpolated frequencies
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    # longrope: divisors of the head_dim/2 frequencies, for forwards up to / beyond the original context
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
 
 def _as_field(name: str, value) -> str:
@@ -120,7 +134,7 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and options of a Llama-family decoder (Llama, Mistral, Qwen2)."""
+    """Shapes and options of a Llama-family decoder (Llama, Mistral, Qwen2, Qwen3)."""
 
     model_type: str
     vocab_size: int
@@ -136,11 +150,22 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim of every q and k head (q_norm, k_norm), before RoPE
+    # Sliding-window attention as transformers computes it: a layer in `sliding_layers` lets the query at
+    # position q attend the keys at q - sliding_window < k <= q (itself and the W - 1 tokens before it).
+    sliding_window: int | None = None
+    sliding_layers: tuple[int, ...] = ()
     tie_word_embeddings: bool = False
     torch_dtype: str = "float32"
     moe: MoEConfig | None = None
 
     def __post_init__(self) -> None:
+        bad = [i for i in self.sliding_layers if not 0 <= i < self.num_hidden_layers]
+        if bad or (self.sliding_layers and not (self.sliding_window or 0) >= 1):
+            raise UserError(
+                f"sliding_window={self.sliding_window!r} on layers {list(self.sliding_layers)}: the window "
+                f"must be a positive integer and the layers must exist ({self.num_hidden_layers} layers)"
+            )
         moe = self.moe
         if moe is None:
             return
@@ -157,6 +182,10 @@ class ModelConfig:
 
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer in self.moe.layers
+
+    def attention_window(self, layer: int) -> int | None:
+        """The sliding window W of a decoder layer, or None for full causal attention."""
+        return self.sliding_window if layer in self.sliding_layers else None
 
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
@@ -180,17 +209,20 @@ class ModelConfig:
             raise UserError(
                 f"{source}: hidden_act={act!r}: only SwiGLU MLPs (hidden_act 'silu') are supported"
             )
-        _refuse_sliding_window(d, model_type, source)
+        sliding_window, sliding_layers = _parse_sliding_window(d, model_type, source)
         heads = d["num_attention_heads"]
         kv_heads = d.get("num_key_value_heads") or heads
         if heads % kv_heads:
             raise UserError(
                 f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}"
             )
-        head_dim = d.get("head_dim") or d["hidden_size"] // heads
-        attention_bias = bool(d.get("attention_bias", False))
+        # Qwen3Config's head_dim defaults to 128 (independent of hidden_size); the others derive it.
+        head_dim = d.get("head_dim") or (128 if model_type == "qwen3" else d["hidden_size"] // heads)
+        # Biases as transformers builds each family: Llama's and Qwen3's `attention_bias` puts one on q, k, v
+        # and o; Qwen2 always has q/k/v biases and none on o; Mistral has none; only Llama reads `mlp_bias`.
+        attention_bias = model_type in ("llama", "qwen3") and bool(d.get("attention_bias", False))
         moe = MoEConfig.from_dict(d["moe"], source) if d.get("moe") else None
-        rope = _parse_rope(d, source)
+        rope = _parse_rope(d, source, head_dim)
         try:
             return cls(
                 model_type=model_type,
@@ -204,10 +236,12 @@ class ModelConfig:
                 max_position_embeddings=d.get("max_position_embeddings", 2048),
                 rms_norm_eps=d.get("rms_norm_eps", 1e-6),
                 rope=rope,
-                # Qwen2 always has q/k/v biases; Llama's `attention_bias` puts a bias on q, k, v and o.
                 qkv_bias=model_type == "qwen2" or attention_bias,
-                o_bias=model_type != "qwen2" and attention_bias,
-                mlp_bias=bool(d.get("mlp_bias", False)),
+                o_bias=attention_bias,
+                mlp_bias=model_type == "llama" and bool(d.get("mlp_bias", False)),
+                qk_norm=model_type == "qwen3",
+                sliding_window=sliding_window,
+                sliding_layers=sliding_layers,
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 torch_dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
                 moe=moe,
@@ -216,56 +250,236 @@ class ModelConfig:
             raise UserError(f"{source}: {exc}") from None
 
 
-def _refuse_sliding_window(d: dict, model_type: str, source: str) -> None:
-    """Refuse configs whose sliding-window attention would actually restrict attention."""
+# `layer_types` entries: sliding or not. "attention" is the legacy spelling transformers remaps to full.
+LAYER_TYPES = {"full_attention": False, "attention": False, "sliding_attention": True}
+
+
+def _parse_sliding_window(d: dict, model_type: str, source: str) -> tuple[int | None, tuple[int, ...]]:
+    """(window W, layers that use it), decided exactly as transformers 5 decides it for the family.
+
+    - mistral: `sliding_window` (not null) applies to every layer (MistralForCausalLM ignores layer_types);
+    - qwen2, qwen3: only with `use_sliding_window`; the layers are `layer_types` when the config lists them,
+      else those with index >= `max_window_layers` (default 28), as Qwen2Config/Qwen3Config derive them;
+    - llama: has no sliding window; a `sliding_window` below max_position_embeddings is refused.
+
+    A windowed layer's query at position q attends keys k with q - W < k <= q (transformers'
+    `sliding_window_causal_mask_function`). What transformers would not run, or not run as written (unknown
+    layer types, sliding layers without a window, a Mistral layer_types list it would ignore), is refused.
+    """
+    n = d["num_hidden_layers"]
+    layer_types = d.get("layer_types")
+    listed = None
+    if layer_types is not None:
+        if not isinstance(layer_types, list) or len(layer_types) != n:
+            raise UserError(
+                f"{source}: layer_types={layer_types!r}: expected a list with one entry per layer "
+                f"(num_hidden_layers={n})"
+            )
+        unknown = sorted({str(t) for t in layer_types if t not in LAYER_TYPES})
+        if unknown:
+            raise UserError(
+                f"{source}: layer_types has entries {unknown} that this model cannot compute; supported: "
+                "'full_attention', 'sliding_attention'"
+            )
+        listed = tuple(i for i, t in enumerate(layer_types) if LAYER_TYPES[t])
     window = d.get("sliding_window")
-    if model_type == "qwen2" and not d.get("use_sliding_window", False):
-        return
-    if d.get("layer_types") and any(t != "full_attention" for t in d["layer_types"]):
-        raise UserError(f"{source}: layer_types={d['layer_types']!r}: only full attention is supported")
-    if window is not None and window < d.get("max_position_embeddings", 0):
-        raise UserError(
-            f"{source}: sliding_window={window} is smaller than max_position_embeddings="
-            f"{d.get('max_position_embeddings')}: sliding-window attention is not supported; "
-            "set sliding_window to null if the checkpoint was trained with full attention"
-        )
+    if model_type == "llama":
+        if listed:
+            raise UserError(
+                f"{source}: layer_types marks layers {list(listed)} 'sliding_attention': Llama has no "
+                "sliding-window attention"
+            )
+        if window is not None and window < d.get("max_position_embeddings", 0):
+            raise UserError(
+                f"{source}: sliding_window={window} is smaller than max_position_embeddings="
+                f"{d.get('max_position_embeddings')}: LlamaForCausalLM ignores sliding_window, so it is "
+                "unclear which attention the checkpoint was trained with; use model_type 'mistral' for a "
+                "sliding window, or set sliding_window to null for full attention"
+            )
+        return None, ()
+    if model_type == "mistral":
+        layers = tuple(range(n)) if window is not None else ()
+        if listed is not None and listed != layers:
+            raise UserError(
+                f"{source}: layer_types={layer_types!r} disagrees with sliding_window={window!r}: "
+                "MistralForCausalLM ignores layer_types and applies sliding_window to every layer; remove "
+                "layer_types or make it match"
+            )
+    else:  # qwen2, qwen3
+        if not d.get("use_sliding_window", False):
+            window = None
+        if listed is None:
+            first = d.get("max_window_layers", 28)
+            if window is not None and not isinstance(first, int):
+                raise UserError(f"{source}: max_window_layers={first!r} must be an integer")
+            listed = tuple(i for i in range(n) if window is not None and i >= first)
+        elif listed and window is None:
+            raise UserError(
+                f"{source}: layer_types marks layers {list(listed)} 'sliding_attention' but no window is in "
+                f"effect (use_sliding_window={d.get('use_sliding_window', False)!r}, "
+                f"sliding_window={d.get('sliding_window')!r}): transformers cannot run this config"
+            )
+        layers = listed
+    if not layers:
+        return None, ()
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise UserError(f"{source}: sliding_window={window!r} must be a positive integer")
+    return window, layers
 
 
-def _parse_rope(d: dict, source: str) -> RopeConfig:
-    """Read RoPE from `rope_parameters` (transformers >= 5) or `rope_scaling` + `rope_theta` (older)."""
-    params = dict(d.get("rope_parameters") or {})
-    scaling = d.get("rope_scaling") or {}
-    params = {**scaling, **params}
-    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+def _parse_rope(d: dict, source: str, head_dim: int) -> RopeConfig:
+    """RoPE from `rope_scaling` + `rope_theta` (older configs) or `rope_parameters` (transformers >= 5), read
+    as transformers 5 reads them (`modeling_rope_utils`): `rope_scaling` wins when both are set, `rope_type`
+    over `type`, a `rope_theta` inside the dict over the top-level one. Every default is resolved here, so
+    `RopeConfig` is complete; what our model would not compute as transformers does (partial rotary, unknown
+    types, missing or malformed fields, fields transformers would silently ignore) is refused, naming the
+    field.
+    """
+    key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+    if not isinstance(d.get(key) or {}, dict):
+        raise UserError(f"{source}: {key}={d[key]!r}: expected an object (a dict of rope fields)")
+    params = dict(d.get(key) or {})
+
+    def refuse(name: str, problem: str):
+        value = params.get(name) if name in params else d.get(name)
+        where = f"{key}.{name}" if name in params else name
+        return UserError(f"{source}: {where}={value!r}: {problem}")
+
+    def number(name: str, default=None, *, positive: bool = False, integer: bool = False):
+        value = params.get(name)
+        if value is None:
+            if default is None:
+                raise UserError(f"{source}: rope type {rope_type!r} needs the field {key}.{name}")
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise refuse(name, "expected a number")
+        if positive and not value > 0:
+            raise refuse(name, "must be > 0")
+        if integer and value != int(value):
+            raise refuse(name, "expected an integer")
+        return int(value) if integer else float(value)
+
     rope_type = params.get("rope_type", params.get("type", "default"))
-    where = "rope_parameters.rope_type" if "rope_parameters" in d else "rope_scaling.rope_type"
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise UserError(
-            f"{source}: {where}={rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
+        name = "rope_type" if "rope_type" in params else "type"
+        raise refuse(name, f"this rope type is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+    for name, value in ((f"{key}.partial_rotary_factor", params.get("partial_rotary_factor")),
+                        ("partial_rotary_factor", d.get("partial_rotary_factor"))):  # fmt: skip
+        if value is not None and value != 1.0:
+            raise UserError(
+                f"{source}: {name}={value!r}: RoPE on part of each head is not supported (only 1.0)"
+            )
+    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
+        raise refuse("rope_theta", "expected a positive number")
+    theta = float(theta)
+    if rope_type not in ("yarn", "longrope") and params.get("attention_factor") not in (None, 1, 1.0):
+        raise refuse(
+            "attention_factor",
+            f"transformers ignores attention_factor for rope type {rope_type!r} (only yarn and longrope "
+            "scale cos and sin); remove it or set it to 1",
         )
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise UserError(f"{source}: partial_rotary_factor={params['partial_rotary_factor']} is not supported")
     if rope_type == "default":
-        return RopeConfig(theta=float(theta))
-    if "factor" not in params:
-        raise UserError(f"{source}: rope type {rope_type!r} needs a 'factor' field")
+        return RopeConfig(theta=theta)
     if rope_type == "linear":
-        return RopeConfig(theta=float(theta), type="linear", factor=float(params["factor"]))
-    missing = [
-        k
-        for k in ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-        if k not in params
-    ]
-    if missing:
-        raise UserError(f"{source}: rope type 'llama3' needs the fields {missing}")
+        return RopeConfig(theta=theta, type="linear", factor=number("factor", positive=True))
+    if rope_type == "llama3":
+        return RopeConfig(
+            theta=theta,
+            type="llama3",
+            factor=number("factor", positive=True),
+            low_freq_factor=number("low_freq_factor"),
+            high_freq_factor=number("high_freq_factor"),
+            original_max_position_embeddings=number(
+                "original_max_position_embeddings", positive=True, integer=True
+            ),
+        )
+    if rope_type == "dynamic":
+        # transformers' dynamic NTK starts scaling beyond max_position_embeddings; it ignores a rope-level
+        # original_max_position_embeddings, which other implementations read: refuse one that disagrees.
+        max_positions = d.get("max_position_embeddings")
+        if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1:
+            raise UserError(
+                f"{source}: max_position_embeddings={max_positions!r}: rope type 'dynamic' scales beyond "
+                "max_position_embeddings, which must be a positive integer"
+            )
+        if params.get("original_max_position_embeddings") not in (None, max_positions):
+            raise refuse(
+                "original_max_position_embeddings",
+                f"transformers' dynamic NTK scaling ignores it and scales beyond max_position_embeddings="
+                f"{max_positions}; remove it or make the two equal",
+            )
+        if head_dim <= 2:
+            raise UserError(f"{source}: rope type 'dynamic' needs head_dim > 2, got {head_dim}")
+        return RopeConfig(
+            theta=theta,
+            type="dynamic",
+            factor=number("factor", positive=True),
+            original_max_position_embeddings=max_positions,
+        )
+    original = number("original_max_position_embeddings", positive=True, integer=True)
+    if rope_type == "yarn":
+        if "factor" not in params:
+            raise UserError(f"{source}: rope type 'yarn' needs the field {key}.factor")
+        # A null factor is max_position_embeddings / original_max_position_embeddings (transformers).
+        factor = number("factor", d.get("max_position_embeddings", 2048) / original, positive=True)
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+            if mscale and mscale_all_dim:
+                attention_factor = yarn_get_mscale(factor, number("mscale")) / yarn_get_mscale(
+                    factor, number("mscale_all_dim")
+                )
+            else:
+                attention_factor = yarn_get_mscale(factor)
+        else:
+            attention_factor = number("attention_factor", positive=True)
+        truncate = params.get("truncate", True)
+        if truncate is not None and not isinstance(truncate, bool):
+            raise refuse("truncate", "expected true or false")
+        return RopeConfig(
+            theta=theta,
+            type="yarn",
+            factor=factor,
+            original_max_position_embeddings=original,
+            attention_factor=float(attention_factor),
+            # transformers: `beta_fast or 32`, `beta_slow or 1` (a 0 is the default too); a null truncate is
+            # false, a missing one true.
+            beta_fast=number("beta_fast", 32.0) or 32.0,
+            beta_slow=number("beta_slow", 1.0) or 1.0,
+            truncate=bool(truncate),
+        )
+    # longrope
+    lists = {}
+    for name in ("short_factor", "long_factor"):
+        value = params.get(name)
+        if value is None:
+            raise UserError(f"{source}: rope type 'longrope' needs the field {key}.{name}")
+        if (
+            not isinstance(value, list)
+            or len(value) != head_dim // 2
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in value)
+        ):
+            raise refuse(name, f"expected a list of head_dim/2 = {head_dim // 2} positive numbers")
+        lists[name] = tuple(float(x) for x in value)
+    factor = number("factor", d.get("max_position_embeddings", 2048) / original, positive=True)
+    if params.get("attention_factor") is None:
+        attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+    else:
+        attention_factor = number("attention_factor", positive=True)
     return RopeConfig(
-        theta=float(theta),
-        type="llama3",
-        factor=float(params["factor"]),
-        low_freq_factor=float(params["low_freq_factor"]),
-        high_freq_factor=float(params["high_freq_factor"]),
-        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        theta=theta,
+        type="longrope",
+        factor=factor,
+        original_max_position_embeddings=original,
+        attention_factor=attention_factor,
+        **lists,
     )
+
+
+def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention scaling for a context `scale` times longer (transformers' `get_mscale`)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 def read_hf_config(model_dir: str | Path) -> tuple[dict, ModelConfig]:
@@ -280,13 +494,43 @@ def read_hf_config(model_dir: str | Path) -> tuple[dict, ModelConfig]:
     return raw, ModelConfig.from_hf_dict(raw, source=str(path))
 
 
-def rope_inv_freq(rope: RopeConfig, head_dim: int):
-    """Inverse frequencies [head_dim/2] in fp32, with linear or llama3 scaling (as in Hugging Face)."""
+def rope_inv_freq(rope: RopeConfig, head_dim: int, seq_len=None):
+    """Inverse frequencies [head_dim/2] in fp32, computed as transformers 5 computes them
+    (`modeling_rope_utils`: the same operations in the same order, so that the results agree to the last bit).
+
+    `seq_len` is the length of the forward (its largest position + 1), an int or a 0-dim integer tensor (then
+    the result is on its device and nothing waits for it). Only `dynamic` and `longrope` depend on it; None
+    gives the frequencies transformers starts with, those of a forward within the original context:
+
+    - dynamic: for seq_len > L = max_position_embeddings the base becomes
+      `theta * (factor * seq_len / L - (factor - 1)) ** (D / (D - 2))` (D = head_dim), else it stays theta;
+    - longrope: `1 / (long_factor * theta ** (2i / D))` for seq_len > original_max_position_embeddings,
+      else `short_factor`.
+    """
     import torch
 
-    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    device = seq_len.device if isinstance(seq_len, torch.Tensor) else None
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim
+    if rope.type == "dynamic":
+        L, ntk = rope.original_max_position_embeddings, head_dim / (head_dim - 2)
+        # At seq_len <= L transformers keeps its initial frequencies, computed in Python floats.
+        base = rope.theta * ((rope.factor * L / L) - (rope.factor - 1)) ** ntk
+        inv_freq = 1.0 / (base**exponent)
+        if seq_len is None:
+            return inv_freq
+        length = torch.as_tensor(seq_len, device=device).clamp(min=L)  # an int64 tensor, as in transformers
+        scaled_base = rope.theta * ((rope.factor * length / L) - (rope.factor - 1)) ** ntk  # fp32
+        return torch.where(length > L, 1.0 / (scaled_base**exponent), inv_freq)
+    if rope.type == "longrope":
+        long = seq_len is not None and seq_len > rope.original_max_position_embeddings
+        if isinstance(long, torch.Tensor):
+            return torch.where(long, _longrope(rope, exponent, "long"), _longrope(rope, exponent, "short"))
+        return _longrope(rope, exponent, "long" if long else "short")
+    inv_freq = 1.0 / (rope.theta**exponent)
     if rope.type == "linear":
         return inv_freq / rope.factor
+    if rope.type == "yarn":
+        return _yarn(rope, head_dim, exponent)
     if rope.type == "llama3":
         low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
         high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
@@ -299,3 +543,33 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int):
         is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         return torch.where(is_medium, smoothed, scaled)
     return inv_freq
+
+
+def _longrope(rope: RopeConfig, exponent, which: str):
+    import torch
+
+    factors = torch.tensor(getattr(rope, f"{which}_factor"), dtype=torch.float32, device=exponent.device)
+    return 1.0 / (factors * rope.theta**exponent)
+
+
+def _yarn(rope: RopeConfig, dim: int, exponent):
+    """YaRN: frequencies that turn fewer than `beta_slow` times over the original context are interpolated
+    (divided by factor), those turning more than `beta_fast` times are kept, a linear ramp in between."""
+    import torch
+
+    def correction_dim(rotations: float) -> float:  # the dimension index turning `rotations` times
+        return (dim * math.log(rope.original_max_position_embeddings / (rotations * 2 * math.pi))) / (
+            2 * math.log(rope.theta)
+        )
+
+    low, high = correction_dim(rope.beta_fast), correction_dim(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp.to(device=exponent.device)  # the share of each frequency kept as it is
+    pos_freqs = rope.theta**exponent
+    kept, interpolated = 1.0 / pos_freqs, 1.0 / (rope.factor * pos_freqs)
+    return interpolated * (1 - extrapolation) + kept * extrapolation

@@ -3,7 +3,7 @@ becomes a stock Hugging Face checkpoint that `transformers.AutoModelForCausalLM.
 without `trust_remote_code`.
 
 The target class is the one that computes our model exactly. A dense model (no `moe` section in config.json)
-keeps its own family's class (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM): its config.json is a
+keeps its own family's class (Llama, Mistral, Qwen2, Qwen3 ...ForCausalLM): its config.json is a
 stock one already and is written back with only `dtype` (and `architectures`) set, the weights under the same
 names. That is how a dense training run's weights leave DeepSpeed; for a dense model directory it is a re-save
 in the chosen dtype. For an upcycled model:
@@ -13,8 +13,11 @@ in the chosen dtype. For an upcycled model:
     softmax-topk   Qwen2MoeForCausalLM, norm_topk_prob=false (softmax over all N, top-K, no renormalising)
 
 Qwen2MoE gets `shared_expert_intermediate_size: 0` (the shared expert is an empty matrix, its output is 0)
-and `mlp_only_layers` for the layers that stayed dense. Settings no stock MoE class represents exactly (expert
-biases from Llama `mlp_bias`, an `o_proj` bias from Llama `attention_bias`) are refused with the reason.
+and `mlp_only_layers` for the layers that stayed dense. A Qwen3 model (q/k norms) always becomes
+Qwen3MoeForCausalLM (`norm_topk_prob` from the routing, `mlp_only_layers`, no shared expert). Sliding windows
+are kept: Mixtral's and Qwen3MoE's `sliding_window` (every layer), Qwen2MoE's `use_sliding_window` with an
+explicit `layer_types`. Settings no stock MoE class represents exactly (expert biases from Llama `mlp_bias`,
+an `o_proj` bias from Llama `attention_bias`, a Qwen3 window on some layers only) are refused with the reason.
 
 Training checkpoints: `output.dir`, `output.dir/checkpoints` or one `step_*` directory (docs/design.md §6).
 ZeRO-1/2 weights are read from DeepSpeed's model-state and per-expert files; ZeRO-3 checkpoints (no
@@ -56,8 +59,8 @@ from pipeline.init_model import ARCHITECTURES
 def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "export",
-        help="write a stock Hugging Face checkpoint (Mixtral / Qwen2MoE, or the dense family's class) from "
-        "an upcycled, dense or trained model",
+        help="write a stock Hugging Face checkpoint (Mixtral / Qwen2MoE / Qwen3MoE, or the dense family's "
+        "class) from an upcycled, dense or trained model",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -243,16 +246,24 @@ def _to_our_names(raw: dict[str, torch.Tensor], config: ModelConfig, where: Path
 
 
 def rope_parameters(config: ModelConfig) -> dict:
+    """The export's `rope_parameters`: every field transformers reads for the type, defaults written out
+    (yarn's attention_factor, beta_fast, beta_slow, truncate; longrope's factor and attention_factor), so the
+    stock class computes exactly our `RopeConfig`. Dynamic NTK scales beyond `max_position_embeddings`, which
+    the export keeps (no original_max_position_embeddings field: transformers ignores it for dynamic)."""
     r = config.rope
     params = {"rope_type": r.type, "rope_theta": r.theta}
-    if r.type in ("linear", "llama3"):
+    if r.type in ("linear", "llama3", "dynamic", "yarn", "longrope"):
         params["factor"] = r.factor
+    if r.type in ("llama3", "yarn", "longrope"):
+        params["original_max_position_embeddings"] = r.original_max_position_embeddings
     if r.type == "llama3":
-        params.update(
-            low_freq_factor=r.low_freq_factor,
-            high_freq_factor=r.high_freq_factor,
-            original_max_position_embeddings=r.original_max_position_embeddings,
-        )
+        params.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor)
+    if r.type == "yarn":
+        params.update(beta_fast=r.beta_fast, beta_slow=r.beta_slow, truncate=r.truncate)
+    if r.type == "longrope":
+        params.update(short_factor=list(r.short_factor), long_factor=list(r.long_factor))
+    if r.type in ("yarn", "longrope"):
+        params["attention_factor"] = r.attention_factor
     return params
 
 
@@ -266,6 +277,19 @@ def choose_target(config: ModelConfig) -> str:
             "the experts have biases (mlp_bias=true): neither MixtralForCausalLM nor Qwen2MoeForCausalLM has "
             "MLP or expert biases, so no stock transformers class computes this model exactly"
         )
+    windowed = config.sliding_layers  # Mixtral and Qwen3MoE window every layer or none; Qwen2MoE any set
+    every_layer_windowed = windowed == tuple(range(config.num_hidden_layers))
+    if config.qk_norm:
+        # Qwen3: only Qwen3MoE has the q/k norms; it has Qwen3's attention_bias (q, k, v and o), both
+        # routings (norm_topk_prob) and mlp_only_layers, no shared expert.
+        if windowed and not every_layer_windowed:
+            raise UserError(
+                f"sliding_window={config.sliding_window} is used by layers {list(windowed)} only (from "
+                "layer_types / max_window_layers): Qwen3MoeForCausalLM, the one stock MoE class with "
+                "Qwen3's q/k norms, applies sliding_window to every layer or to none, so no stock "
+                "transformers class computes this model exactly"
+            )
+        return "Qwen3MoeForCausalLM"
     if config.o_bias:
         raise UserError(
             "attention_bias=true puts a bias on o_proj: MixtralForCausalLM has no attention biases and "
@@ -273,7 +297,12 @@ def choose_target(config: ModelConfig) -> str:
             "exactly"
         )
     all_layers = tuple(moe.layers) == tuple(range(config.num_hidden_layers))
-    if moe.routing == "topk-softmax" and all_layers and not config.qkv_bias:
+    if (
+        moe.routing == "topk-softmax"
+        and all_layers
+        and not config.qkv_bias
+        and (every_layer_windowed or not windowed)
+    ):
         return "MixtralForCausalLM"
     # softmax-topk needs norm_topk_prob=false (Mixtral always renormalises); partial MoE needs mlp_only_layers
     # and q/k/v biases need qkv_bias: Qwen2MoE has all three.
@@ -314,8 +343,21 @@ def hf_config_dict(raw: dict, config: ModelConfig, dtype: torch.dtype) -> tuple[
             **common,
             intermediate_size=moe.expert_intermediate_size,
             num_local_experts=moe.num_experts,
-            sliding_window=None,
+            sliding_window=config.sliding_window if config.sliding_layers else None,
             router_jitter_noise=0.0,
+        )
+    elif arch == "Qwen3MoeForCausalLM":
+        cfg = transformers.Qwen3MoeConfig(
+            **common,
+            intermediate_size=config.intermediate_size,  # the dense layers' MLP width
+            moe_intermediate_size=moe.expert_intermediate_size,
+            num_experts=moe.num_experts,
+            norm_topk_prob=moe.routing == "topk-softmax",
+            decoder_sparse_step=1,
+            mlp_only_layers=[i for i in range(config.num_hidden_layers) if i not in moe.layers],
+            attention_bias=config.qkv_bias,  # Qwen3's attention_bias: q, k, v and o alike
+            use_sliding_window=bool(config.sliding_layers),  # then on every layer (choose_target)
+            sliding_window=config.sliding_window,
         )
     else:
         cfg = transformers.Qwen2MoeConfig(
@@ -328,7 +370,14 @@ def hf_config_dict(raw: dict, config: ModelConfig, dtype: torch.dtype) -> tuple[
             decoder_sparse_step=1,
             mlp_only_layers=[i for i in range(config.num_hidden_layers) if i not in moe.layers],
             qkv_bias=config.qkv_bias,
-            use_sliding_window=False,
+            use_sliding_window=bool(config.sliding_layers),
+            sliding_window=config.sliding_window,
+            # Explicit, not left to Qwen2MoeConfig's own derivation (even layers below max_window_layers),
+            # which differs from Qwen2's (layers from max_window_layers on).
+            layer_types=[
+                "sliding_attention" if i in config.sliding_layers else "full_attention"
+                for i in range(config.num_hidden_layers)
+            ],
         )
     cfg.architectures = [arch]
     d = cfg.to_dict()

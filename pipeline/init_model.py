@@ -17,7 +17,12 @@ from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.hf_io import copy_tokenizer_files
 
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 def add_parser(subparsers) -> None:

@@ -24,13 +24,15 @@ TINY = dict(
 
 
 def save_hf_model(family: str, path, seed: int = 0, max_shard_size: str | None = None, **overrides):
-    """Build a tiny random `transformers` model of a family ('llama', 'mistral', 'qwen2') and save it."""
+    """Build a tiny random `transformers` model of a family ('llama', 'mistral', 'qwen2', 'qwen3') and save
+    it."""
     import transformers
 
     config_cls, model_cls = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[family]
     kwargs = {**TINY, **overrides}
     if family == "mistral":

@@ -84,7 +84,7 @@ def test_sharded_checkpoint_with_index(tmp_path):
     [
         ({"hidden_act": "gelu"}, "hidden_act"),
         (
-            {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}},
+            {"rope_parameters": {"rope_type": "proportional", "factor": 4.0, "rope_theta": 1e4}},
             "rope_parameters.rope_type",
         ),
         ({"model_type": "gpt2"}, "model_type"),
