@@ -267,25 +267,18 @@ class Measurement:
 def measure(variant: str, moe_dir: Path, ids: torch.Tensor, dense_logits: torch.Tensor) -> Measurement:
     """The upcycled model (one layer in memory at a time) against the dense logits on the same ids."""
     from pipeline.config import read_hf_config
-    from pipeline.moe import route
-    from pipeline.verify import streamed_forward, whole_group_mask
+    from pipeline.verify import measure_upcycled
 
-    moe = read_hf_config(moe_dir)[1].moe
-    whole, total = [0], [0]
-
-    def count_whole_groups(_, block):
-        _, experts_TK = route(block.last_router_logits_TN, moe.top_k, moe.routing)
-        whole[0] += int(whole_group_mask(experts_TK, moe.granularity).sum())
-        total[0] += experts_TK.shape[0]
-
-    logits = streamed_forward(moe_dir, ids, on_moe=count_whole_groups)
+    report = measure_upcycled(moe_dir, ids, dense_logits)
     return Measurement(
         variant=variant,
-        moe_layers=len(moe.layers),
-        **compare(logits, dense_logits),
-        whole_group_routings=whole[0],
-        routings=total[0],
-        tokens=ids.numel(),
+        moe_layers=len(read_hf_config(moe_dir)[1].moe.layers),
+        relative_logit_error=report.relative_logit_error,
+        max_abs_logit_error=report.max_abs_logit_error,
+        top1_agreement=1.0 - report.top1_changed,
+        whole_group_routings=report.whole_group_routings,
+        routings=report.routings,
+        tokens=report.tokens,
     )
 
 

@@ -23,7 +23,12 @@ def route(logits_TN: torch.Tensor, top_k: int, routing: str) -> tuple[torch.Tens
     """Return (weights_TK fp32, experts_TK int64) for router logits of any dtype."""
     logits_TN = logits_TN.float()
     if routing == "softmax-topk":
-        return F.softmax(logits_TN, dim=-1).topk(top_k, dim=-1)
+        # Select on the logits, weight with the probabilities: the same experts as top-K of the softmax
+        # (it is monotonic), except where two logits ~1e-8 apart round to one fp32 probability. At step 0
+        # the copies' logits are that close, and top-K over tied probabilities can split a virtual group
+        # (seen on SmolLM2-135M, E64T8G8: 2 of 7680 routings; docs/design.md §3).
+        experts_TK = logits_TN.topk(top_k, dim=-1).indices
+        return F.softmax(logits_TN, dim=-1).gather(-1, experts_TK), experts_TK
     if routing == "topk-softmax":
         top_logits_TK, experts_TK = logits_TN.topk(top_k, dim=-1)
         return F.softmax(top_logits_TK, dim=-1), experts_TK

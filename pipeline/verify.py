@@ -28,7 +28,12 @@ class VerifyReport:
     relative_logit_error: float  # ||moe - dense|| / ||dense|| over all logits
     max_abs_logit_error: float
     top1_changed: float  # share of positions whose argmax token differs
-    whole_group_share: float  # share of (token, MoE layer) routings that picked whole virtual groups
+    whole_group_routings: int  # (token, MoE layer) routings that picked whole virtual groups
+    routings: int  # (token, MoE layer) routings in all
+
+    @property
+    def whole_group_share(self) -> float:
+        return self.whole_group_routings / max(self.routings, 1)
 
 
 @torch.no_grad()
@@ -79,9 +84,13 @@ def verify_upcycled(
 ) -> VerifyReport:
     """Run both checkpoints on the same tokens; measure how far the upcycled model is from the dense one."""
     _, moe_config = read_hf_config(moe_dir)
-    moe = moe_config.moe
     ids = sample_tokens(dense_dir, moe_config.vocab_size, n_tokens, seed)
-    dense_logits = streamed_forward(dense_dir, ids)
+    return measure_upcycled(moe_dir, ids, streamed_forward(dense_dir, ids))
+
+
+def measure_upcycled(moe_dir: str | Path, ids_BT: torch.Tensor, dense_logits: torch.Tensor) -> VerifyReport:
+    """The upcycled model (one layer in memory at a time) on `ids_BT` against the dense model's logits."""
+    moe = read_hf_config(moe_dir)[1].moe
     whole, total = [0], [0]
 
     def count_whole_groups(_, block: MoEBlock):
@@ -89,14 +98,15 @@ def verify_upcycled(
         whole[0] += int(whole_group_mask(experts_TK, moe.granularity).sum())
         total[0] += experts_TK.shape[0]
 
-    moe_logits = streamed_forward(moe_dir, ids, on_moe=count_whole_groups)
+    moe_logits = streamed_forward(moe_dir, ids_BT, on_moe=count_whole_groups)
     diff = moe_logits - dense_logits
     return VerifyReport(
-        tokens=ids.numel(),
+        tokens=ids_BT.numel(),
         relative_logit_error=float(diff.norm() / dense_logits.norm()),
         max_abs_logit_error=float(diff.abs().max()),
         top1_changed=float((moe_logits.argmax(-1) != dense_logits.argmax(-1)).float().mean()),
-        whole_group_share=whole[0] / max(total[0], 1),
+        whole_group_routings=whole[0],
+        routings=total[0],
     )
 
 
@@ -114,5 +124,5 @@ def format_report(report: VerifyReport) -> str:
     return (
         f"verify on {report.tokens} tokens: relative logit error {report.relative_logit_error:.3e}, "
         f"max abs {report.max_abs_logit_error:.3e}, top-1 changed {100 * report.top1_changed:.2f}% of "
-        f"tokens, whole virtual groups {100 * report.whole_group_share:.1f}% of routings"
+        f"tokens, whole virtual groups in {report.whole_group_routings}/{report.routings} routings"
     )
