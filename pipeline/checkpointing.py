@@ -3,16 +3,23 @@
 Layout under `output.dir/checkpoints/`:
     step_000100/            DeepSpeed's files (per-expert files with ZeRO-1/2), rng_rank{r}.pt, run_state.json
     latest                  the tag of the newest *complete* checkpoint
+    damaged_step_000100/    a checkpoint found damaged on resume, kept for inspection (never loaded)
 
 `latest` is replaced atomically by rank 0 only after every rank finished writing (a barrier), so a crash
-during a save leaves the previous checkpoint as latest.
+during a save leaves the previous checkpoint as latest. `run_state.json` records every file's size and
+sha256 (docs/design.md §6): a checkpoint damaged afterwards (full disk, bad copy, dying node) is found
+before DeepSpeed unpickles it, and the run falls back to the previous intact one or refuses, as
+`output.on_damaged_checkpoint` says.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +33,8 @@ from pipeline.run_config import RunConfig
 
 LATEST = "latest"
 RUN_STATE = "run_state.json"
+FILES = "files"  # the run_state.json key of the integrity record: relative path -> {size, sha256}
+DAMAGED_PREFIX = "damaged_"  # outside the step_* glob: pruning and resume never touch a damaged one
 
 
 def topology(cfg: RunConfig, world_size: int) -> dict:
@@ -73,15 +82,22 @@ def save(engine, output_dir: str | Path, step: int, run_state: dict, keep: int) 
     A failed write (full disk, quota, I/O error) raises UserError naming the directory; `latest` then
     still names the previous checkpoint. The free-space check before writing is collective, so all ranks
     refuse together when the file system cannot hold another checkpoint of the previous one's size.
+    Each rank hashes the files it wrote itself (split work, and no reliance on another node's view of a
+    shared file system); rank 0 records them all in run_state.json.
     """
     root = checkpoint_root(output_dir)
     tag = f"step_{step:08d}"
     previous = latest_tag(output_dir)
     _check_free_space(root, tag, previous)
     rank = dist.get_rank()
+    written: list[Path] = []
     try:
-        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-        torch.save(_rng_state(), root / tag / f"rng_rank{rank}.pt")
+        with _recording_writes(engine, written):
+            engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        rng_file = root / tag / f"rng_rank{rank}.pt"
+        torch.save(_rng_state(), rng_file)
+        written.append(rng_file)
+        mine = {_relative(root / tag, path): _file_record(path) for path in written}
     except (OSError, RuntimeError) as exc:
         raise UserError(
             f"saving checkpoint {root / tag} failed on rank {rank}: {exc}. latest still names "
@@ -90,13 +106,64 @@ def save(engine, output_dir: str | Path, step: int, run_state: dict, keep: int) 
         ) from exc
     if rank == 0:
         fault_point("checkpoint.before_latest", step)
-    dist.barrier()
+    records: list[dict] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(records, mine)  # also the barrier: every rank has written its files
     if rank == 0:
-        write_atomically(root / tag / RUN_STATE, json.dumps(run_state, indent=2))
+        files = _merge_records(root / tag, records)
+        write_atomically(root / tag / RUN_STATE, json.dumps({**run_state, FILES: files}, indent=2))
         write_atomically(root / LATEST, tag)
         _prune(root, keep)
     dist.barrier()
     return tag
+
+
+@contextlib.contextmanager
+def _recording_writes(engine, written: list[Path]):
+    """Collect the paths DeepSpeed writes on this rank: every state file goes through its checkpoint
+    engine's `save` (deepspeed/runtime/engine.py); DeepSpeed's file names per rank are not documented."""
+    checkpoint_engine = getattr(engine, "checkpoint_engine", None)
+    if checkpoint_engine is None:  # a stand-in engine: rank 0 records what it finds (_merge_records)
+        yield
+        return
+    original = checkpoint_engine.save
+
+    def save(state_dict, path, *args, **kwargs):
+        result = original(state_dict, path, *args, **kwargs)
+        written.append(Path(path))
+        return result
+
+    checkpoint_engine.save = save
+    try:
+        yield
+    finally:
+        checkpoint_engine.save = original
+
+
+def _relative(step_dir: Path, path: Path) -> str:
+    return Path(path).resolve().relative_to(step_dir.resolve()).as_posix()
+
+
+def _file_record(path: Path) -> dict:
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _merge_records(step_dir: Path, records: list[dict]) -> dict:
+    """Every rank's records, plus any file in the step directory that no rank recorded (written by
+    DeepSpeed outside its checkpoint engine), hashed here by rank 0."""
+    files = {name: record for per_rank in records for name, record in per_rank.items()}
+    for path in sorted(step_dir.rglob("*")):
+        name = _relative(step_dir, path)
+        if path.is_file() and name not in files and name != RUN_STATE and not name.endswith(".tmp"):
+            files[name] = _file_record(path)
+    return dict(sorted(files.items()))
 
 
 def _check_free_space(root: Path, tag: str, previous: str | None) -> None:
@@ -127,9 +194,14 @@ def remove_incomplete(output_dir: str | Path, latest: str | None) -> list[str]:
     return removed
 
 
-def check_topology(output_dir: str | Path, expected: dict) -> str | None:
-    """Refuse, before any process group starts, to resume under a different topology; return the tag."""
-    tag = latest_tag(output_dir)
+def check_topology(output_dir: str | Path, expected: dict, on_damaged: str = "fallback") -> str | None:
+    """Refuse, before any process group starts, to resume under a different topology; return the tag.
+
+    The tag is the checkpoint the ranks will resume from: the newest one whose files have their recorded
+    sizes (a truncated or missing file is caught here; the checksums are compared at resume, by all
+    ranks together: `resume_tag`). With on_damaged="refuse" a damaged latest checkpoint is refused here.
+    """
+    tag, _ = choose_intact(output_dir, on_damaged, lambda step_dir: damage(step_dir, hashes=False))
     if tag is None:
         return None
     path = checkpoint_root(output_dir) / tag
@@ -142,6 +214,144 @@ def check_topology(output_dir: str | Path, expected: dict) -> str | None:
             "(silently, with ZeRO-1/2). Resume with the original settings, or use a new output.dir."
         )
     return tag
+
+
+# ---- integrity: verify before loading (docs/design.md §6) ---------------------------------------------
+def damage(step_dir: str | Path, hashes: bool = True, only: list[str] | None = None) -> list[str]:
+    """What is wrong with a committed checkpoint, one line per file; empty when it is intact.
+
+    Compares each file's size (and, with `hashes`, its sha256) with the record written when it was saved;
+    `only` limits the check to some of the recorded files. A checkpoint saved before records existed has
+    none to compare with and passes.
+    """
+    step_dir = Path(step_dir)
+    try:
+        files = read_run_state(step_dir).get(FILES, {})
+    except (OSError, ValueError) as exc:
+        return [f"{RUN_STATE}: unreadable ({exc})"]
+    names = sorted(files) if only is None else only
+    return [problem for name in names if (problem := _file_damage(step_dir, name, files[name], hashes))]
+
+
+def _file_damage(step_dir: Path, name: str, record: dict, hashes: bool) -> str | None:
+    path = step_dir / name
+    try:
+        size = path.stat().st_size
+        if size != record["size"]:
+            return f"{name}: {size} bytes, {record['size']} when saved (truncated or overwritten)"
+        if hashes and _sha256(path) != record["sha256"]:
+            return f"{name}: contents differ from the sha256 recorded when saved (corrupted)"
+    except FileNotFoundError:
+        return f"{name}: missing"
+    except OSError as exc:
+        return f"{name}: unreadable ({exc})"
+    return None
+
+
+def verify(step_dir: str | Path) -> None:
+    """Refuse a damaged checkpoint before anything reads it (for `upcycle export` and other readers that
+    run without a process group): raises UserError naming each damaged file."""
+    problems = damage(step_dir)
+    if problems:
+        raise UserError(
+            f"checkpoint {step_dir} is damaged, not reading it: " + "; ".join(problems) + ". Use an earlier "
+            "checkpoint (a step_* directory next to it), or restore the file(s) from a copy"
+        )
+
+
+def choose_intact(
+    output_dir: str | Path, on_damaged: str, check: Callable[[Path], list[str]]
+) -> tuple[str | None, list[tuple[str, list[str]]]]:
+    """(the newest committed checkpoint `check` finds intact, [(damaged tag, its problems) newer than it]).
+
+    Starts at `latest`; on damage, refuses (on_damaged="refuse", naming the flag) or goes back to the
+    previous complete checkpoint ("fallback"). Refuses when no complete checkpoint is intact.
+    """
+    root = checkpoint_root(output_dir)
+    latest = read_latest(root)
+    if latest is None:
+        return None, []
+    damaged: list[tuple[str, list[str]]] = []
+    for tag in _committed_tags(root, latest):
+        problems = check(root / tag)
+        if not problems:
+            return tag, damaged
+        damaged.append((tag, problems))
+        if on_damaged == "refuse":
+            raise UserError(
+                f"checkpoint {root / tag} is damaged: {'; '.join(problems)}. Not loading it "
+                "(output.on_damaged_checkpoint=refuse). Restore the file(s) from a copy, or run again with "
+                "--output.on_damaged_checkpoint fallback to resume from the previous intact checkpoint"
+            )
+    details = " | ".join(f"{tag}: {'; '.join(problems)}" for tag, problems in damaged)
+    raise UserError(
+        f"no intact checkpoint to resume from in {root}: {details}. Restore the file(s) from a copy, or "
+        "start afresh with a new output.dir (output.keep_checkpoints >= 2 keeps a previous checkpoint "
+        "to fall back to)"
+    )
+
+
+def _committed_tags(root: Path, latest: str) -> list[str]:
+    """Complete checkpoints up to `latest`, newest first (a step directory after `latest` was never
+    committed)."""
+    tags = [p.name for p in root.glob("step_*") if p.name <= latest and (p / RUN_STATE).is_file()]
+    return sorted(tags, reverse=True)
+
+
+def resume_tag(output_dir: str | Path, on_damaged: str) -> tuple[str | None, list[str]]:
+    """Every rank calls this before loading: (the tag to resume from, warnings for rank 0 to log).
+
+    The ranks verify sizes and sha256 of the candidate together, each hashing a share of the files, and
+    agree on the outcome (all_gather). On a fallback rank 0 moves each damaged checkpoint aside as
+    damaged_step_* (kept, not deleted) and points `latest` at the intact one.
+    """
+    tag, damaged = choose_intact(output_dir, on_damaged, _damage_checked_together)
+    if not damaged:
+        return tag, []
+    root, warnings = checkpoint_root(output_dir), []
+    if dist.get_rank() == 0:
+        write_atomically(root / LATEST, tag)  # first: a crash after it leaves a consistent pointer
+        for bad, problems in damaged:
+            warnings.append(
+                f"warning: checkpoint {bad} is damaged, not loading it: {'; '.join(problems)}. Resuming from "
+                f"{tag} instead (output.on_damaged_checkpoint=fallback); {_set_aside(root / bad)}"
+            )
+    dist.barrier()
+    return tag, warnings
+
+
+def _damage_checked_together(step_dir: Path) -> list[str]:
+    """`damage` with the hashing split over the ranks (largest files first, to the least loaded rank)."""
+    try:
+        files = read_run_state(step_dir).get(FILES, {})
+    except (OSError, ValueError):
+        files = {}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    load, mine = [0] * world, []
+    for name in sorted(files, key=lambda n: (-files[n]["size"], n)):
+        least = load.index(min(load))
+        load[least] += files[name]["size"] + 1
+        if least == rank:
+            mine.append(name)
+    found = damage(step_dir, only=mine) if files else (damage(step_dir) if rank == 0 else [])
+    gathered: list[list[str]] = [[] for _ in range(world)]
+    dist.all_gather_object(gathered, found)
+    return sorted(problem for per_rank in gathered for problem in per_rank)
+
+
+def _set_aside(step_dir: Path) -> str:
+    """Rename a damaged checkpoint out of the step_* namespace (a later save of that step must not mix
+    with it; pruning must not count it); never delete it. Returns what was done, for the warning."""
+    target = step_dir.with_name(DAMAGED_PREFIX + step_dir.name)
+    n = 1
+    while target.exists():
+        target = step_dir.with_name(f"{DAMAGED_PREFIX}{step_dir.name}.{n}")
+        n += 1
+    try:
+        step_dir.rename(target)
+    except OSError as exc:  # not fatal: `latest` no longer names it, the next save of that step replaces it
+        return f"it could not be moved aside ({exc}) and stays as {step_dir}"
+    return f"the damaged one is kept as {target}"
 
 
 def load(engine, output_dir: str | Path, tag: str) -> dict:

@@ -124,6 +124,7 @@ def open_source(path: str | Path, model_dir: str | Path | None = None) -> Source
         raw, config = read_hf_config(path)
         return Source(path, raw, config, CheckpointReader(path), f"model directory {path}")
     tag_dir = find_training_checkpoint(path)
+    checkpointing.verify(tag_dir)  # sizes and sha256 recorded at save: never unpickle a damaged file
     run_state = checkpointing.read_run_state(tag_dir)
     if model_dir is None:
         model_dir = run_state.get("config", {}).get("model", {}).get("path")

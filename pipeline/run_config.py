@@ -69,7 +69,10 @@ class OutputSection:
     checkpoint_interval: int = 50  # steps; 0 saves only at the end
     eval_interval: int = 50
     log_interval: int = 1
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # >= 2 keeps a previous checkpoint to fall back to when the latest is damaged
+    # A checkpoint whose files no longer match the sizes/sha256 recorded at save (docs/design.md §6):
+    # fallback = resume from the previous intact one (the damaged one is kept aside), refuse = stop.
+    on_damaged_checkpoint: str = "fallback"
 
 
 @dataclass
@@ -215,6 +218,10 @@ def validate(cfg: RunConfig, world_size: int, cuda: bool) -> None:
         problems.append(f"parallel.backend={p.backend!r}: must be auto, nccl or gloo")
     if p.backend == "nccl" and not cuda:
         problems.append("parallel.backend=nccl needs CUDA GPUs; use gloo (or auto) on CPU")
+    if cfg.output.on_damaged_checkpoint not in ("fallback", "refuse"):
+        problems.append(
+            f"output.on_damaged_checkpoint={cfg.output.on_damaged_checkpoint!r}: must be fallback or refuse"
+        )
     if t.min_lr > t.lr:
         problems.append(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}")
     if problems:

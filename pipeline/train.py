@@ -186,7 +186,10 @@ class Trainer:
     # ---- checkpoints (docs/design.md §6) -------------------------------------------------------
     def maybe_resume(self) -> None:
         out = self.cfg.output.dir
-        tag = checkpointing.latest_tag(out)
+        # Verified (sizes and sha256, all ranks together) before DeepSpeed unpickles anything.
+        tag, warnings = checkpointing.resume_tag(out, self.cfg.output.on_damaged_checkpoint)
+        for line in warnings:
+            self.log.log(line)
         if self.rank == 0:
             for removed in checkpointing.remove_incomplete(out, tag):
                 self.log.log(f"removed incomplete checkpoint {removed} (a save that did not finish)")

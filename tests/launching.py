@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pipeline.ds_adapter import shm_buffer_name
@@ -105,3 +106,16 @@ def losses(workspace: Path, out: str) -> dict[int, float]:
     """step -> loss from train_log.jsonl; a step logged twice (killed, then resumed) keeps the last."""
     rows = [json.loads(line) for line in (workspace / out / "train_log.jsonl").read_text().splitlines()]
     return {row["step"]: row["loss"] for row in rows}
+
+
+def wait_for_steps(workspace: Path, out: str, steps: int, proc=None, timeout: float = 240) -> None:
+    """Wait until train_log.jsonl has `steps` rows (the ranks are past start-up and their SIGTERM handler
+    is installed); fail early if `proc` exits first."""
+    log = workspace / out / "train_log.jsonl"
+    deadline = time.time() + timeout
+    while not (log.is_file() and len(log.read_text().splitlines()) >= steps):
+        if time.time() > deadline or (proc is not None and proc.poll() is not None):
+            raise AssertionError(
+                f"{out}: {steps} steps not logged\n{(workspace / f'{out}.log').read_text()[-3000:]}"
+            )
+        time.sleep(0.2)
