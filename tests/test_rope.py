@@ -11,6 +11,7 @@ import re
 import pytest
 import torch
 from conftest import save_hf_model
+from test_export import perturb
 
 from pipeline import load_model
 from pipeline.cli import main
@@ -182,22 +183,6 @@ def test_dynamic_depends_on_this_forward_only(tmp_path):
 # ---- upcycled and exported ------------------------------------------------------------------------------
 
 
-def perturb_experts(moe_dir, seed=0):
-    """Make the upcycled model look trained: distinct experts and a router with spread logits, so that the
-    exported class must route exactly as ours does."""
-    from safetensors.torch import load_file, save_file
-
-    g = torch.Generator().manual_seed(seed)
-    path = moe_dir / "model.safetensors"
-    state = load_file(path)
-    for name, t in state.items():
-        if name.endswith("mlp.gate.weight"):
-            state[name] = torch.randn(t.shape, generator=g) * 0.5
-        elif ".experts." in name:
-            state[name] = t + torch.randn(t.shape, generator=g) * t.std() * 0.5
-    save_file(state, path, metadata={"format": "pt"})
-
-
 UPCYCLE = {
     # id: (family, routing, granularity, exported class)
     "llama-topk-softmax": ("llama", "topk-softmax", 2, "MixtralForCausalLM"),
@@ -223,7 +208,7 @@ def test_upcycled_and_exported_logits(tmp_path, case, setting, capsys):
             print(f"upcycled {case} {setting} T={seq_len}: relative logit error vs dense {error:.1e}")
         assert error <= tolerance, error
 
-    perturb_experts(moe_dir)
+    perturb(moe_dir)  # distinct experts, spread router logits: the class must route as ours does
     capsys.readouterr()
     assert main(["export", "--checkpoint", str(moe_dir), "--out", str(out), "--verify"]) == 0
     verify_error = float(re.search(r"against our model: (\S+)", capsys.readouterr().out).group(1))
