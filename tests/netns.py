@@ -14,6 +14,7 @@ exit from the context, also on failure (deleting a namespace deletes its veth en
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import shutil
@@ -101,6 +102,40 @@ class Hosts:
         for pid in self.pids(host):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+    @property
+    def network(self) -> str:
+        """The link's subnet in CIDR notation (both addresses are in it)."""
+        return str(ipaddress.ip_interface(f"{self.addresses[0]}/30").network)
+
+    def with_hostname(self, host: int, cmd: list[str]) -> list[str]:
+        """`cmd` with `host`'s own hostname (its namespace's name), in a UTS namespace of its own: the
+        namespaces share the machine's hostname otherwise, and Open MPI needs one per host. Pass the result
+        to `popen`/`command`."""
+        return ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', self.namespaces[host], *cmd]
+
+    def ssh_agent(self, directory: Path) -> Path:
+        """A stand-in for ssh, for Open MPI's plm_ssh_agent: `agent [-options] HOST COMMAND...` runs the
+        shell command COMMAND on HOST (an address or hostname of either host) in that host's namespace,
+        with its hostname (`with_hostname`), as `ssh HOST COMMAND...` runs it on a remote node."""
+        cases = "".join(
+            f"    {addr}|{ns}) ns={ns} ;;\n" for addr, ns in zip(self.addresses, self.namespaces, strict=True)
+        )
+        path = Path(directory) / "netns-ssh"
+        path.write_text(
+            "#!/bin/sh\n"
+            "# ssh stand-in for the network-namespace hosts of tests/netns.py: [-options] HOST COMMAND...\n"
+            'while [ "${1#-}" != "$1" ]; do shift; done  # ssh options (-x, ...)\n'
+            "host=$1; shift\n"
+            'case "$host" in\n'
+            f"{cases}"
+            '    *) echo "netns-ssh: unknown host $host" >&2; exit 255 ;;\n'
+            "esac\n"
+            "# ssh hands its arguments, joined by spaces, to the remote shell\n"
+            'exec ip netns exec "$ns" unshare --uts sh -c \'hostname "$0" && exec sh -c "$1"\' "$ns" "$*"\n'
+        )
+        path.chmod(0o755)
+        return path
 
 
 def _remove(namespaces) -> None:

@@ -6,7 +6,8 @@ On each host the DeepSpeed launcher runs with the shared hostfile and `--no_ssh 
 (launch/node.sh, what launch/slurm.sbatch runs on each node; there is no SSH between namespaces), one
 rank per host, EP=2, so the expert all-to-all, the gradient all-reduce and the rendezvous on host 0's
 address all cross the link. Both hosts write into one output.dir, as on a cluster with a shared
-filesystem.
+filesystem. launch/mpirun.sh is run once, on host 0: Open MPI starts host 1's rank through an ssh
+stand-in that enters host 1's namespace (Hosts.ssh_agent).
 
 Needs root (CI runs as root); elsewhere the tests skip with the reason. UPCYCLE_REQUIRE_NETNS=1 turns
 that skip into a failure. Runs are shared between tests: the launches cost ~20 s each on 2 cores.
@@ -17,8 +18,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -148,13 +151,18 @@ def running(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def runs(hosts, train_workspace):
-    """One single-host reference run, then a two-host run whose host-1 process is killed after the
-    step-4 checkpoint, then the same command again on both hosts (resumes and finishes)."""
+def single(train_workspace) -> dict[int, float]:
+    """The reference: step -> loss of a 2-rank run on one host (loopback), the DeepSpeed launcher."""
     started = time.monotonic()
-    launch(train_workspace, "single", *COMMON)  # 2 ranks on one host, loopback
+    launch(train_workspace, "single", *COMMON)
     REPORT["single_host_launch_s"] = round(time.monotonic() - started, 1)
+    return losses(train_workspace, "single")
 
+
+@pytest.fixture(scope="module")
+def runs(hosts, train_workspace, single):
+    """A two-host run whose host-1 process is killed after the step-4 checkpoint, then the same command
+    again on both hosts (resumes and finishes); compared with the single-host reference run."""
     traffic_before = [hosts.traffic(n) for n in (0, 1)]
     overrides = (*COMMON, "--parallel.timeout_s", str(KILL_TIMEOUT_S))
     procs = start_two_hosts(hosts, train_workspace, "twohost", *overrides)
@@ -191,7 +199,7 @@ def runs(hosts, train_workspace):
         host_log(train_workspace, "twohost", 0)[-3000:] + host_log(train_workspace, "twohost", 1)[-2000:]
     )
     return {
-        "single": losses(train_workspace, "single"),
+        "single": single,
         "before_rerun": before_rerun,
         "after_rerun": losses(train_workspace, "twohost"),
         "traffic": [(a[0] - b[0], a[1] - b[1]) for a, b in zip(traffic_after, traffic_before, strict=True)],
@@ -287,6 +295,68 @@ def test_survivor_stops_after_timeout_when_the_network_is_cut(hosts, train_works
     assert CUT_TIMEOUT_S * 0.9 < stop_s < CUT_TIMEOUT_S + STOP_SLACK_S, (stop_s, log0[-3000:])
     assert codes[0] != 0
     assert "lost contact with the other ranks" in log0 and "Timed out" in log0, log0[-3000:]
+
+
+def test_mpirun_two_hosts_train_like_one(hosts, train_workspace, single, tmp_path):
+    """launch/mpirun.sh with a two-host hostfile, started on host 0: Open MPI starts the rank on host 1
+    itself, through its plm_ssh_agent (here an ssh stand-in that runs the command in host 1's namespace,
+    `Hosts.ssh_agent`), one rank per host, EP=2 across the link. NETWORK (the link's subnet) pins Open MPI's
+    daemons and each node's gloo interface, which has another name on each host; the rendezvous is host
+    0's address from the hostfile. Every step's loss equals the single-host 2-rank run's."""
+    if shutil.which("unshare") is None:
+        _unavailable("needs unshare (util-linux) to give each namespace host its own hostname")
+    port = str(next(_ports))
+    agent = hosts.ssh_agent(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(
+        NP="2",
+        HOSTFILE=str(hosts.hostfile),
+        NETWORK=hosts.network,
+        MASTER_PORT=port,
+        MPIRUN_ARGS=f"--mca plm_ssh_agent {agent}",
+        PYTHON=sys.executable,
+        OMP_NUM_THREADS="1",
+    )
+    env.pop("MASTER_ADDR", None)  # the first host of the hostfile
+    cmd = [
+        "bash",
+        str(REPO / "launch" / "mpirun.sh"),
+        TINY_CONFIG,
+        *run_paths(train_workspace, "mpi"),
+        *COMMON,
+    ]
+    traffic_before = [hosts.traffic(n) for n in (0, 1)]
+    started = time.monotonic()
+    proc = hosts.popen(0, hosts.with_hostname(0, cmd), env, train_workspace / "mpi.log", cwd=str(REPO))
+    code = wait_all([proc], 300)[0]
+    REPORT["mpirun_two_hosts_s"] = round(time.monotonic() - started, 1)
+    log = (train_workspace / "mpi.log").read_text()
+    assert code == 0, log[-3000:]
+    traffic_after = [hosts.traffic(n) for n in (0, 1)]
+    traffic = [(a[0] - b[0], a[1] - b[1]) for a, b in zip(traffic_after, traffic_before, strict=True)]
+
+    two = losses(train_workspace, "mpi")
+    assert sorted(two) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert two[step] == pytest.approx(single[step], rel=1e-6, abs=0), step
+    REPORT["mpirun_max_abs_loss_diff"] = max(abs(single[s] - two[s]) for s in single)
+    REPORT["mpirun_losses_bitwise_equal"] = two == single
+    for node, (sent, received) in enumerate(traffic):
+        assert sent > 1_000_000 and received > 1_000_000, (node, sent, received)
+    REPORT["mpirun_veth_bytes_sent_received"] = traffic
+    # The launcher's settings, and each node's own hostname and interface (resolved from NETWORK there).
+    master = f"{hosts.addresses[0]}:{port}"
+    assert f"mpirun.sh: 2 ranks on {hosts.hostfile}, master {master}, interface {hosts.network}" in log
+    for node in (0, 1):
+        ns = hosts.namespaces[node]
+        assert f"node {ns} runs 1 of the 2 ranks (its local rank 0 is rank {node}), interface {ns}" in log
+    final = {p.name for p in (train_workspace / "mpi" / "checkpoints" / f"step_{STEPS:08d}").iterdir()}
+    assert {"rng_rank1.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= final
+    assert "layer_1_expert_7_mp_rank_00_model_states.pt" in final  # rank 1's experts (4-7)
+    deadline = time.monotonic() + 10  # host 1's Open MPI daemon exits after mpirun
+    while (hosts.pids(0) or hosts.pids(1)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [hosts.pids(0), hosts.pids(1)] == [[], []]
 
 
 @pytest.fixture(scope="module", autouse=True)
