@@ -2,6 +2,8 @@
 
 Layout under `output.dir/checkpoints/`:
     step_000100/            DeepSpeed's files (per-expert files with ZeRO-1/2), rng_rank{r}.pt, run_state.json
+    step_000100/universal/  DeepSpeed's universal checkpoint of it, made once on a resume under another
+                            topology (EP size, ZeRO stage, world size: `ensure_universal`)
     latest                  the tag of the newest *complete* checkpoint
     damaged_step_000100/    a checkpoint found damaged on resume, kept for inspection (never loaded)
 

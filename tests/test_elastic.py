@@ -101,6 +101,11 @@ def test_topology_changes_are_allowed_and_data_order_changes_refused(tmp_path):
 # ---- the real thing: 2 CPU ranks, DeepSpeed, AutoEP -----------------------------------------------------
 
 
+def learning_rates(workspace, name: str) -> dict[int, float]:
+    rows = [json.loads(line) for line in (workspace / name / "train_log.jsonl").read_text().splitlines()]
+    return {row["step"]: row["lr"] for row in rows}
+
+
 def relative_mismatch(resumed: dict, full: dict) -> float:
     return max(abs(resumed[s] - full[s]) / abs(full[s]) for s in range(SAVED_AT + 1, STEPS + 1))
 
@@ -143,6 +148,7 @@ def test_resume_under_another_topology_continues_exactly(train_workspace):
         assert "converting step_00000004 to DeepSpeed's universal checkpoint" in log, name
         assert "resumed from step_00000004 through its universal checkpoint: step 4, 32 samples" in log
         REPORT[f"{name}_rel_mismatch"] = relative_mismatch(resumed, full)
+        assert learning_rates(ws, name) == learning_rates(ws, "base"), name  # the schedule's step
         universal = ws / name / "checkpoints" / f"step_{SAVED_AT:08d}" / checkpointing.UNIVERSAL
         REPORT[f"{name}_universal_mib"] = round(
             sum(f.stat().st_size for f in universal.rglob("*")) / 2**20, 2
