@@ -235,6 +235,14 @@ def resume_plan(output_dir: str | Path, cfg_dict: dict, expected: dict, on_damag
         )
     saved = state.get("topology", {})
     changed = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
+    old_stage, new_stage = saved.get("parallel.zero_stage"), expected.get("parallel.zero_stage")
+    if old_stage == 3 and new_stage is not None and new_stage < 3:
+        raise UserError(
+            f"cannot resume {path} with parallel.zero_stage {new_stage}: it was saved with ZeRO-3, and "
+            "DeepSpeed 0.19.8's ZeRO-1/2 loader cannot read a universal checkpoint converted from ZeRO-3 "
+            "(flat tensors, no ds_version). Resume with parallel.zero_stage 3 (EP size and world size may "
+            "change), or use a new output.dir"
+        )
     return tag, changed
 
 

@@ -98,6 +98,20 @@ def test_topology_changes_are_allowed_and_data_order_changes_refused(tmp_path):
         checkpointing.resume_plan(tmp_path, {**config, "data": {"weights": [1.0]}}, now)
 
 
+def test_zero3_to_zero12_is_refused(tmp_path):
+    """DeepSpeed's ZeRO-1/2 loader cannot read a universal checkpoint converted from ZeRO-3 (tried: no
+    ds_version in its optimizer_state.pt, then flat tensors where it indexes shaped ones)."""
+    config = {"train": {"global_batch": 8, "seq_len": 64, "seed": 1}, "data": {"weights": None}}
+    write_state(tmp_path, 4, {"parallel.ep_size": 2, "parallel.zero_stage": 3, "world_size": 2}, config)
+    ok = {"parallel.ep_size": 1, "parallel.zero_stage": 3, "world_size": 1}
+    assert checkpointing.resume_plan(tmp_path, config, ok)[1] == {
+        "parallel.ep_size": (2, 1),
+        "world_size": (2, 1),
+    }
+    with pytest.raises(UserError, match="with parallel.zero_stage 2: it was saved with ZeRO-3"):
+        checkpointing.resume_plan(tmp_path, config, {**ok, "parallel.zero_stage": 2})
+
+
 # ---- the real thing: 2 CPU ranks, DeepSpeed, AutoEP -----------------------------------------------------
 
 
