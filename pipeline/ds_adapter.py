@@ -85,8 +85,13 @@ def autoep_to_ours(raw: dict[str, torch.Tensor], where: Path | str) -> dict[str,
 # ---- the DeepSpeed config ----------------------------------------------------------------------------
 
 
-def build_ds_config(cfg: RunConfig, model_config: ModelConfig, world_size: int, cuda: bool) -> dict:
-    """The DeepSpeed config, from the ZeRO and precision templates plus values from the run config."""
+def build_ds_config(
+    cfg: RunConfig, model_config: ModelConfig, world_size: int, cuda: bool, load_universal: bool = False
+) -> dict:
+    """The DeepSpeed config, from the ZeRO and precision templates plus values from the run config.
+
+    `load_universal`: this engine resumes from a universal checkpoint (another topology, §6).
+    """
     t, p = cfg.train, cfg.parallel
     ds = {}
     for name in (f"zero{p.zero_stage}", t.precision):
@@ -109,18 +114,22 @@ def build_ds_config(cfg: RunConfig, model_config: ModelConfig, world_size: int, 
             },
         }
     )
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     if model_config.moe is not None:
         moe = model_config.moe
         ds["expert_parallel"] = autoep_section(moe.top_k, moe.routing, p.ep_size, cuda)
     return ds
 
 
-def initialize_engine(model: torch.nn.Module, cfg: RunConfig, model_config: ModelConfig, lr_lambda):
+def initialize_engine(
+    model: torch.nn.Module, cfg: RunConfig, model_config: ModelConfig, lr_lambda, load_universal: bool = False
+):
     """`deepspeed.initialize` on our model; returns (engine, lr scheduler)."""
     import deepspeed
 
     world = dist.get_world_size()
-    ds_config = build_ds_config(cfg, model_config, world, torch.cuda.is_available())
+    ds_config = build_ds_config(cfg, model_config, world, torch.cuda.is_available(), load_universal)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model.train(),
         model_parameters=model.parameters(),

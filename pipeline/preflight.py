@@ -64,7 +64,7 @@ def prepare(argv: list[str], world_size: int | None = None) -> tuple[RunConfig, 
         data = PackedTokenDataset(cfg.data.path, split, cfg.train.seq_len, cfg.train.seed, cfg.data.weights)
     check_tokenizer(cfg, model_config, data)
     expected = checkpointing.topology(cfg, world_size)
-    checkpointing.check_topology(cfg.output.dir, expected, cfg.output.on_damaged_checkpoint)
+    checkpointing.resume_plan(cfg.output.dir, cfg.to_dict(), expected, cfg.output.on_damaged_checkpoint)
     if cfg.train.precision == "bf16" and not torch.cuda.is_available():
         print("warning: train.precision=bf16 on CPU is slow; fp32 is the CPU default", file=sys.stderr)
     return cfg, model_config

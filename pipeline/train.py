@@ -56,10 +56,12 @@ class Trainer:
         self.log = metrics.RunLog(
             cfg.output.dir, model_config, t.seq_len, t.global_batch, t.steps, self.rank, self.world, device
         )
+        # Which checkpoint, and whether through the universal route, decides how the engine is built.
+        self.resume_from, self.universal = self._plan_resume()
         torch.manual_seed(t.seed)
         model = load_model(cfg.model.path, dtype=torch.float32, device=str(device))
         self.engine, self.scheduler = ds_adapter.initialize_engine(
-            model, cfg, model_config, lambda s: lr_multiplier(s, cfg)
+            model, cfg, model_config, lambda s: lr_multiplier(s, cfg), load_universal=self.universal
         )
         self.capture = ds_adapter.attach_router_capture(self.engine, model_config)
         if self.capture and cfg.moe.fast_path:
@@ -184,7 +186,12 @@ class Trainer:
         return val_loss
 
     # ---- checkpoints (docs/design.md §6) -------------------------------------------------------
-    def maybe_resume(self) -> None:
+    def _plan_resume(self) -> tuple[str | None, bool]:
+        """(the checkpoint to resume from, whether it goes through DeepSpeed's universal checkpoint).
+
+        A checkpoint saved under another topology (EP size, ZeRO stage, world size) is converted once to
+        the universal format and cached beside it (docs/design.md §6).
+        """
         out = self.cfg.output.dir
         # Verified (sizes and sha256, all ranks together) before DeepSpeed unpickles anything.
         tag, warnings = checkpointing.resume_tag(out, self.cfg.output.on_damaged_checkpoint)
@@ -195,12 +202,30 @@ class Trainer:
                 self.log.log(f"removed incomplete checkpoint {removed} (a save that did not finish)")
         dist.barrier()
         if tag is None:
+            return None, False
+        step_dir = checkpointing.checkpoint_root(out) / tag
+        saved = checkpointing.read_run_state(step_dir).get("topology", {})
+        now = checkpointing.topology(self.cfg, self.world)
+        changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        if not changed:
+            return tag, False
+        if self.rank == 0:
+            details = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
+            self.log.log(f"{tag} was saved under another topology ({details})")
+        checkpointing.ensure_universal(step_dir, self.rank, self.log.log)
+        dist.barrier()
+        return tag, True
+
+    def maybe_resume(self) -> None:
+        tag = self.resume_from
+        if tag is None:
             return
-        state = checkpointing.load(self.engine, out, tag)
+        state = checkpointing.load(self.engine, self.cfg.output.dir, tag, universal=self.universal)
         self.step = state["step"]
         self.batches.consumed_samples = state["consumed_samples"]
         consumed = self.batches.consumed_samples
-        self.log.log(f"resumed from {tag}: step {self.step}, {consumed} samples consumed")
+        route = " through its universal checkpoint" if self.universal else ""
+        self.log.log(f"resumed from {tag}{route}: step {self.step}, {consumed} samples consumed")
 
     def save(self) -> None:
         run_state = {

@@ -128,7 +128,8 @@ def test_sigterm_saves_and_exits_cleanly(train_workspace):
     assert state["consumed_samples"] == state["step"] * 8
     assert "SIGTERM received" in (train_workspace / "preempted.log").read_text()
 
-    # A different expert-parallel size on resume is refused before any process group starts.
+    # A different global batch on resume (it fixes the data order) is refused before any process group
+    # starts, naming the key; a different topology is allowed (tests/test_elastic.py).
     result = subprocess.run(
         [
             sys.executable,
@@ -136,8 +137,8 @@ def test_sigterm_saves_and_exits_cleanly(train_workspace):
             "--config",
             TINY_CONFIG,
             *run_paths(train_workspace, "preempted"),
-            "--parallel.ep_size",
-            "1",
+            "--train.global_batch",
+            "16",
         ],
         capture_output=True,
         text=True,
@@ -145,4 +146,4 @@ def test_sigterm_saves_and_exits_cleanly(train_workspace):
         timeout=120,
     )
     assert result.returncode == 2
-    assert "parallel.ep_size was 2 and is now 1" in result.stderr
+    assert "train.global_batch was 8 and is now 16" in result.stderr
