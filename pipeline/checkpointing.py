@@ -233,9 +233,11 @@ def resume_plan(output_dir: str | Path, cfg_dict: dict, expected: dict, on_damag
             f"cannot resume {path}: {details}. These fix the data order (which samples each step sees) and "
             "cannot change within a run; resume with the original values, or use a new output.dir"
         )
-    saved = state.get("topology", {})
-    changed = {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
-    old_stage, new_stage = saved.get("parallel.zero_stage"), expected.get("parallel.zero_stage")
+    changed = topology_changes(state, expected)
+    old_stage, new_stage = (
+        state.get("topology", {}).get("parallel.zero_stage"),
+        expected.get("parallel.zero_stage"),
+    )
     if old_stage == 3 and new_stage is not None and new_stage < 3:
         raise UserError(
             f"cannot resume {path} with parallel.zero_stage {new_stage}: it was saved with ZeRO-3, and "
@@ -244,6 +246,12 @@ def resume_plan(output_dir: str | Path, cfg_dict: dict, expected: dict, on_damag
             "change), or use a new output.dir"
         )
     return tag, changed
+
+
+def topology_changes(run_state: dict, expected: dict) -> dict:
+    """{topology key: (saved, now)} for each setting that differs from the checkpoint's."""
+    saved = run_state.get("topology", {})
+    return {k: (saved.get(k), v) for k, v in expected.items() if saved.get(k) != v}
 
 
 def check_topology(output_dir: str | Path, expected: dict, on_damaged: str = "fallback") -> str | None:

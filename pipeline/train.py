@@ -204,9 +204,8 @@ class Trainer:
         if tag is None:
             return None, False
         step_dir = checkpointing.checkpoint_root(out) / tag
-        saved = checkpointing.read_run_state(step_dir).get("topology", {})
         now = checkpointing.topology(self.cfg, self.world)
-        changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+        changed = checkpointing.topology_changes(checkpointing.read_run_state(step_dir), now)
         if not changed:
             return tag, False
         if self.rank == 0:
