@@ -327,146 +327,172 @@ def _parse_sliding_window(d: dict, model_type: str, source: str) -> tuple[int | 
     return window, layers
 
 
+class _RopeFields:
+    """The rope dict of a config.json, read as transformers 5 reads it, with errors that name the field."""
+
+    def __init__(self, d: dict, source: str):
+        self.d, self.source = d, source
+        self.key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
+        if not isinstance(d.get(self.key) or {}, dict):
+            raise UserError(
+                f"{source}: {self.key}={d[self.key]!r}: expected an object (a dict of rope fields)"
+            )
+        self.params = dict(d.get(self.key) or {})
+        self.type = self.params.get("rope_type", self.params.get("type", "default"))
+
+    def refuse(self, name: str, problem: str) -> UserError:
+        value = self.params.get(name) if name in self.params else self.d.get(name)
+        where = f"{self.key}.{name}" if name in self.params else name
+        return UserError(f"{self.source}: {where}={value!r}: {problem}")
+
+    def missing(self, name: str) -> UserError:
+        return UserError(f"{self.source}: rope type {self.type!r} needs the field {self.key}.{name}")
+
+    def number(self, name: str, default=None, *, positive: bool = False, integer: bool = False):
+        value = self.params.get(name)
+        if value is None:
+            if default is None:
+                raise self.missing(name)
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.refuse(name, "expected a number")
+        if positive and not value > 0:
+            raise self.refuse(name, "must be > 0")
+        if integer and value != int(value):
+            raise self.refuse(name, "expected an integer")
+        return int(value) if integer else float(value)
+
+    def original_context(self) -> int:
+        return self.number("original_max_position_embeddings", positive=True, integer=True)
+
+    def factor_or_context_ratio(self, original: int) -> float:
+        """`factor`; a null one means max_position_embeddings / original_max_position_embeddings."""
+        return self.number("factor", self.d.get("max_position_embeddings", 2048) / original, positive=True)
+
+
 def _parse_rope(d: dict, source: str, head_dim: int) -> RopeConfig:
     """RoPE from `rope_scaling` + `rope_theta` (older configs) or `rope_parameters` (transformers >= 5), read
     as transformers 5 reads them (`modeling_rope_utils`): `rope_scaling` wins when both are set, `rope_type`
     over `type`, a `rope_theta` inside the dict over the top-level one. Every default is resolved here, so
     `RopeConfig` is complete; what our model would not compute as transformers does (partial rotary, unknown
     types, missing or malformed fields, fields transformers would silently ignore) is refused, naming the
-    field.
+    field (docs/design.md §9).
     """
-    key = "rope_scaling" if d.get("rope_scaling") else "rope_parameters"
-    if not isinstance(d.get(key) or {}, dict):
-        raise UserError(f"{source}: {key}={d[key]!r}: expected an object (a dict of rope fields)")
-    params = dict(d.get(key) or {})
-
-    def refuse(name: str, problem: str):
-        value = params.get(name) if name in params else d.get(name)
-        where = f"{key}.{name}" if name in params else name
-        return UserError(f"{source}: {where}={value!r}: {problem}")
-
-    def number(name: str, default=None, *, positive: bool = False, integer: bool = False):
-        value = params.get(name)
-        if value is None:
-            if default is None:
-                raise UserError(f"{source}: rope type {rope_type!r} needs the field {key}.{name}")
-            return default
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise refuse(name, "expected a number")
-        if positive and not value > 0:
-            raise refuse(name, "must be > 0")
-        if integer and value != int(value):
-            raise refuse(name, "expected an integer")
-        return int(value) if integer else float(value)
-
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        name = "rope_type" if "rope_type" in params else "type"
-        raise refuse(name, f"this rope type is not supported; supported: {SUPPORTED_ROPE_TYPES}")
-    for name, value in ((f"{key}.partial_rotary_factor", params.get("partial_rotary_factor")),
+    f = _RopeFields(d, source)
+    if f.type not in SUPPORTED_ROPE_TYPES:
+        name = "rope_type" if "rope_type" in f.params else "type"
+        raise f.refuse(name, f"this rope type is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+    for name, value in ((f"{f.key}.partial_rotary_factor", f.params.get("partial_rotary_factor")),
                         ("partial_rotary_factor", d.get("partial_rotary_factor"))):  # fmt: skip
         if value is not None and value != 1.0:
             raise UserError(
                 f"{source}: {name}={value!r}: RoPE on part of each head is not supported (only 1.0)"
             )
-    theta = params.get("rope_theta", d.get("rope_theta", 10000.0))
+    theta = f.params.get("rope_theta", d.get("rope_theta", 10000.0))
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-        raise refuse("rope_theta", "expected a positive number")
-    theta = float(theta)
-    if rope_type not in ("yarn", "longrope") and params.get("attention_factor") not in (None, 1, 1.0):
-        raise refuse(
+        raise f.refuse("rope_theta", "expected a positive number")
+    if f.type not in ("yarn", "longrope") and f.params.get("attention_factor") not in (None, 1, 1.0):
+        raise f.refuse(
             "attention_factor",
-            f"transformers ignores attention_factor for rope type {rope_type!r} (only yarn and longrope "
+            f"transformers ignores attention_factor for rope type {f.type!r} (only yarn and longrope "
             "scale cos and sin); remove it or set it to 1",
         )
-    if rope_type == "default":
-        return RopeConfig(theta=theta)
-    if rope_type == "linear":
-        return RopeConfig(theta=theta, type="linear", factor=number("factor", positive=True))
-    if rope_type == "llama3":
-        return RopeConfig(
-            theta=theta,
-            type="llama3",
-            factor=number("factor", positive=True),
-            low_freq_factor=number("low_freq_factor"),
-            high_freq_factor=number("high_freq_factor"),
-            original_max_position_embeddings=number(
-                "original_max_position_embeddings", positive=True, integer=True
-            ),
+    return _ROPE_PARSERS[f.type](f, float(theta), head_dim)
+
+
+def _default_rope(f: _RopeFields, theta: float, head_dim: int) -> RopeConfig:
+    return RopeConfig(theta=theta)
+
+
+def _linear_rope(f: _RopeFields, theta: float, head_dim: int) -> RopeConfig:
+    return RopeConfig(theta=theta, type="linear", factor=f.number("factor", positive=True))
+
+
+def _llama3_rope(f: _RopeFields, theta: float, head_dim: int) -> RopeConfig:
+    return RopeConfig(
+        theta=theta,
+        type="llama3",
+        factor=f.number("factor", positive=True),
+        low_freq_factor=f.number("low_freq_factor"),
+        high_freq_factor=f.number("high_freq_factor"),
+        original_max_position_embeddings=f.original_context(),
+    )
+
+
+def _dynamic_rope(f: _RopeFields, theta: float, head_dim: int) -> RopeConfig:
+    # transformers' dynamic NTK starts scaling beyond max_position_embeddings; it ignores a rope-level
+    # original_max_position_embeddings, which other implementations read: refuse one that disagrees.
+    max_positions = f.d.get("max_position_embeddings")
+    if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1:
+        raise UserError(
+            f"{f.source}: max_position_embeddings={max_positions!r}: rope type 'dynamic' scales beyond "
+            "max_position_embeddings, which must be a positive integer"
         )
-    if rope_type == "dynamic":
-        # transformers' dynamic NTK starts scaling beyond max_position_embeddings; it ignores a rope-level
-        # original_max_position_embeddings, which other implementations read: refuse one that disagrees.
-        max_positions = d.get("max_position_embeddings")
-        if isinstance(max_positions, bool) or not isinstance(max_positions, int) or max_positions < 1:
-            raise UserError(
-                f"{source}: max_position_embeddings={max_positions!r}: rope type 'dynamic' scales beyond "
-                "max_position_embeddings, which must be a positive integer"
-            )
-        if params.get("original_max_position_embeddings") not in (None, max_positions):
-            raise refuse(
-                "original_max_position_embeddings",
-                f"transformers' dynamic NTK scaling ignores it and scales beyond max_position_embeddings="
-                f"{max_positions}; remove it or make the two equal",
-            )
-        if head_dim <= 2:
-            raise UserError(f"{source}: rope type 'dynamic' needs head_dim > 2, got {head_dim}")
-        return RopeConfig(
-            theta=theta,
-            type="dynamic",
-            factor=number("factor", positive=True),
-            original_max_position_embeddings=max_positions,
+    if f.params.get("original_max_position_embeddings") not in (None, max_positions):
+        raise f.refuse(
+            "original_max_position_embeddings",
+            f"transformers' dynamic NTK scaling ignores it and scales beyond max_position_embeddings="
+            f"{max_positions}; remove it or make the two equal",
         )
-    original = number("original_max_position_embeddings", positive=True, integer=True)
-    if rope_type == "yarn":
-        if "factor" not in params:
-            raise UserError(f"{source}: rope type 'yarn' needs the field {key}.factor")
-        # A null factor is max_position_embeddings / original_max_position_embeddings (transformers).
-        factor = number("factor", d.get("max_position_embeddings", 2048) / original, positive=True)
-        attention_factor = params.get("attention_factor")
-        if attention_factor is None:
-            mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
-            if mscale and mscale_all_dim:
-                attention_factor = yarn_get_mscale(factor, number("mscale")) / yarn_get_mscale(
-                    factor, number("mscale_all_dim")
-                )
-            else:
-                attention_factor = yarn_get_mscale(factor)
-        else:
-            attention_factor = number("attention_factor", positive=True)
-        truncate = params.get("truncate", True)
-        if truncate is not None and not isinstance(truncate, bool):
-            raise refuse("truncate", "expected true or false")
-        return RopeConfig(
-            theta=theta,
-            type="yarn",
-            factor=factor,
-            original_max_position_embeddings=original,
-            attention_factor=float(attention_factor),
-            # transformers: `beta_fast or 32`, `beta_slow or 1` (a 0 is the default too); a null truncate is
-            # false, a missing one true.
-            beta_fast=number("beta_fast", 32.0) or 32.0,
-            beta_slow=number("beta_slow", 1.0) or 1.0,
-            truncate=bool(truncate),
+    if head_dim <= 2:
+        raise UserError(f"{f.source}: rope type 'dynamic' needs head_dim > 2, got {head_dim}")
+    return RopeConfig(
+        theta=theta,
+        type="dynamic",
+        factor=f.number("factor", positive=True),
+        original_max_position_embeddings=max_positions,
+    )
+
+
+def _yarn_rope(f: _RopeFields, theta: float, head_dim: int) -> RopeConfig:
+    original = f.original_context()
+    if "factor" not in f.params:
+        raise f.missing("factor")
+    factor = f.factor_or_context_ratio(original)
+    if f.params.get("attention_factor") is not None:
+        attention_factor = f.number("attention_factor", positive=True)
+    elif f.params.get("mscale") and f.params.get("mscale_all_dim"):
+        attention_factor = yarn_get_mscale(factor, f.number("mscale")) / yarn_get_mscale(
+            factor, f.number("mscale_all_dim")
         )
-    # longrope
+    else:
+        attention_factor = yarn_get_mscale(factor)
+    truncate = f.params.get("truncate", True)
+    if truncate is not None and not isinstance(truncate, bool):
+        raise f.refuse("truncate", "expected true or false")
+    return RopeConfig(
+        theta=theta,
+        type="yarn",
+        factor=factor,
+        original_max_position_embeddings=original,
+        attention_factor=float(attention_factor),
+        # transformers: `beta_fast or 32`, `beta_slow or 1` (a 0 is the default too); a null truncate is
+        # false, a missing one true.
+        beta_fast=f.number("beta_fast", 32.0) or 32.0,
+        beta_slow=f.number("beta_slow", 1.0) or 1.0,
+        truncate=bool(truncate),
+    )
+
+
+def _longrope(f: _RopeFields, theta: float, head_dim: int) -> RopeConfig:
+    original = f.original_context()
     lists = {}
     for name in ("short_factor", "long_factor"):
-        value = params.get(name)
+        value = f.params.get(name)
         if value is None:
-            raise UserError(f"{source}: rope type 'longrope' needs the field {key}.{name}")
+            raise f.missing(name)
         if (
             not isinstance(value, list)
             or len(value) != head_dim // 2
             or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0 for x in value)
         ):
-            raise refuse(name, f"expected a list of head_dim/2 = {head_dim // 2} positive numbers")
+            raise f.refuse(name, f"expected a list of head_dim/2 = {head_dim // 2} positive numbers")
         lists[name] = tuple(float(x) for x in value)
-    factor = number("factor", d.get("max_position_embeddings", 2048) / original, positive=True)
-    if params.get("attention_factor") is None:
+    factor = f.factor_or_context_ratio(original)
+    if f.params.get("attention_factor") is None:
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
     else:
-        attention_factor = number("attention_factor", positive=True)
+        attention_factor = f.number("attention_factor", positive=True)
     return RopeConfig(
         theta=theta,
         type="longrope",
@@ -475,6 +501,16 @@ def _parse_rope(d: dict, source: str, head_dim: int) -> RopeConfig:
         attention_factor=attention_factor,
         **lists,
     )
+
+
+_ROPE_PARSERS = {
+    "default": _default_rope,
+    "linear": _linear_rope,
+    "llama3": _llama3_rope,
+    "dynamic": _dynamic_rope,
+    "yarn": _yarn_rope,
+    "longrope": _longrope,
+}
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
