@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import random
 import shutil
 from collections.abc import Callable
@@ -31,6 +30,7 @@ import torch.distributed as dist
 
 from data_prep.faults import fault_point
 from data_prep.fileio import write_atomically
+from pipeline import universal_checkpoint
 from pipeline.errors import UserError
 from pipeline.run_config import RunConfig
 
@@ -175,7 +175,11 @@ def _check_free_space(root: Path, tag: str, previous: str | None) -> None:
     if previous is not None:
         step_dir = root / previous
         files = [f for f in step_dir.rglob("*") if f.is_file()]
-        need = sum(f.stat().st_size for f in files if f.relative_to(step_dir).parts[0] != UNIVERSAL)
+        need = sum(
+            f.stat().st_size
+            for f in files
+            if f.relative_to(step_dir).parts[0] != universal_checkpoint.UNIVERSAL
+        )
     root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(root).free
     short = torch.tensor([1.0 if need > free else 0.0])
@@ -259,69 +263,6 @@ def check_topology(output_dir: str | Path, expected: dict, on_damaged: str = "fa
     check a checkpoint without a run config)."""
     tag, _ = resume_plan(output_dir, {}, expected, on_damaged)
     return tag
-
-
-# ---- another topology: DeepSpeed's universal checkpoint (docs/design.md §6) ---------------------------
-UNIVERSAL = "universal"  # step_*/universal: the converted copy, made once, reused by later resumes
-UNIVERSAL_DONE = "conversion_complete"  # written last into it
-UNIVERSAL_FAILED = "universal.failed"  # step_*/universal.failed: the conversion's error, for waiting ranks
-
-
-def universal_dir(step_dir: str | Path) -> Path:
-    return Path(step_dir) / UNIVERSAL
-
-
-def ensure_universal(step_dir: str | Path, rank: int, log: Callable[[str], None], poll_s: float = 0.5):
-    """Every rank calls this; returns the universal checkpoint directory of `step_dir`.
-
-    Rank 0 converts once (DeepSpeed's `ds_to_universal`, in a subprocess, into a temporary folder renamed
-    into place when complete); the other ranks wait for it by polling the file system, not in a
-    collective, so a long conversion cannot trip parallel.timeout_s. A cached complete conversion is
-    reused. A failed conversion stops every rank with DeepSpeed's error.
-    """
-    import subprocess
-    import sys
-    import time
-
-    step_dir = Path(step_dir)
-    target, failed = universal_dir(step_dir), step_dir / UNIVERSAL_FAILED
-    if (target / UNIVERSAL_DONE).is_file():
-        if rank == 0:
-            log(f"resuming through the universal checkpoint {target} (converted earlier)")
-        return target
-    if rank == 0:
-        failed.unlink(missing_ok=True)
-        tmp = step_dir / (UNIVERSAL + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(target, ignore_errors=True)
-        log(
-            f"converting {step_dir.name} to DeepSpeed's universal checkpoint for the new topology (once; "
-            f"cached as {target}) ..."
-        )
-        started = time.monotonic()
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
-               str(step_dir), "--output_folder", str(tmp), "--num_extract_workers", "1",
-               "--num_merge_workers", "1"]  # fmt: skip
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        (step_dir / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer; unused
-        if result.returncode != 0:
-            message = (
-                f"DeepSpeed's universal-checkpoint conversion of {step_dir} failed:\n{result.stderr[-2000:]}"
-            )
-            write_atomically(failed, message)
-            raise UserError(message)
-        _name_model_states_for_every_stage(tmp)
-        _add_zero3_optimizer_record(tmp)
-        write_atomically(tmp / UNIVERSAL_DONE, "")
-        tmp.rename(target)
-        size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
-        log(f"converted {step_dir.name} in {time.monotonic() - started:.1f} s ({size / 2**20:.1f} MiB)")
-        return target
-    while not (target / UNIVERSAL_DONE).is_file():
-        if failed.is_file():
-            raise UserError(failed.read_text())
-        time.sleep(poll_s)
-    return target
 
 
 # ---- integrity: verify before loading (docs/design.md §6) ---------------------------------------------
@@ -462,49 +403,11 @@ def _set_aside(step_dir: Path) -> str:
     return f"the damaged one is kept as {target}"
 
 
-def _name_model_states_for_every_stage(folder: Path) -> None:
-    """DeepSpeed's universal loader looks for the engine-state file under its own stage's name
-    (`mp_rank_00_model_states.pt` for ZeRO-1/2, `zero_pp_rank_0_mp_rank_00_model_states.pt` for ZeRO-3)
-    but the converter keeps the saving stage's: link the other name, so that either stage resumes.
-    Universal loading takes only scheduler and step counters from it (the weights come from zero/)."""
-    for plain in sorted(folder.glob("mp_rank_*_model_states.pt")):
-        _link(plain, folder / f"zero_pp_rank_0_{plain.name}")
-    for zero3 in sorted(folder.glob("zero_pp_rank_0_mp_rank_*_model_states.pt")):
-        _link(zero3, folder / zero3.name.removeprefix("zero_pp_rank_0_"))
-
-
-def _add_zero3_optimizer_record(folder: Path) -> None:
-    """A ZeRO-1/2 checkpoint converted for a ZeRO-3 engine: DeepSpeed's ZeRO-3 universal loader reads the
-    Adam step and the hyperparameters from `zero/optimizer_state.pt["optimizer_state_dict"]`, which only
-    its ZeRO-3 converter writes; add it from what the ZeRO-1/2 converter wrote. `params`, `name` and `moe`
-    are left out: the loader copies every key of the first group onto all groups (the expert group would
-    lose its name; `params` would be emptied)."""
-    path = folder / "zero" / "optimizer_state.pt"
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if "optimizer_state_dict" in state:
-        return
-    step_file = next(iter(sorted((folder / "zero").glob("*/step.pt"))), None)
-    if step_file is None:
-        return
-    step = torch.load(step_file, map_location="cpu", weights_only=False)
-    hyper = {k: v for k, v in state["param_groups"][0].items() if k not in ("params", "name", "moe")}
-    state["optimizer_state_dict"] = {"state": {0: {"step": step}}, "param_groups": [hyper]}
-    torch.save(state, path)
-
-
-def _link(existing: Path, name: Path) -> None:
-    if name.exists():
-        return
-    try:
-        os.link(existing, name)  # a hard link: no extra space, and it moves with the directory
-    except OSError:
-        shutil.copy2(existing, name)
-
-
 def load(engine, output_dir: str | Path, tag: str, universal: bool = False) -> dict:
     """Load DeepSpeed state and RNG (after `resume_plan` accepted the checkpoint).
 
-    With `universal`, DeepSpeed reads the step's universal checkpoint (`ensure_universal`), which it
+    With `universal`, DeepSpeed reads the step's universal checkpoint
+    (`universal_checkpoint.ensure_universal`), which it
     reshards to this run's EP size, ZeRO stage and world size; the engine must have been built with
     `"checkpoint": {"load_universal": true}`. RNG: a rank restores its own file, or rank 0's where the
     saving run had fewer ranks (nothing in training draws random numbers: no dropout, deterministic routing,
@@ -512,31 +415,20 @@ def load(engine, output_dir: str | Path, tag: str, universal: bool = False) -> d
     """
     root = checkpoint_root(output_dir)
     run_state = read_run_state(root / tag)
-    load_dir, load_tag = (root / tag, UNIVERSAL) if universal else (root, tag)
+    load_dir, load_tag = (root / tag, universal_checkpoint.UNIVERSAL) if universal else (root, tag)
     load_path, _ = engine.load_checkpoint(
         str(load_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if load_path is None:
         raise UserError(f"DeepSpeed could not load {load_dir / load_tag}")
     if universal:
-        _unshare_adam_steps(engine)
+        universal_checkpoint.unshare_adam_steps(engine)
     rng_file = root / tag / f"rng_rank{dist.get_rank()}.pt"
     if not rng_file.is_file():
         rng_file = root / tag / "rng_rank0.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))
     return run_state
-
-
-def _unshare_adam_steps(engine) -> None:
-    """DeepSpeed's ZeRO-3 universal loader gives every parameter group one and the same `step` tensor;
-    torch's Adam increments each group's in place, so with two groups (dense and expert parameters) the
-    shared counter advanced twice per step and the expert group's bias correction went wrong (a 4e-4
-    relative loss drift within 4 steps). One tensor per state, as a fresh optimizer has."""
-    inner = getattr(getattr(engine, "optimizer", None), "optimizer", None)
-    for state in getattr(inner, "state", {}).values():
-        if torch.is_tensor(state.get("step")):
-            state["step"] = state["step"].clone()
 
 
 def _rng_state() -> dict:

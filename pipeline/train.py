@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from pipeline import checkpointing, ds_adapter, metrics
+from pipeline import checkpointing, ds_adapter, metrics, universal_checkpoint
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
 from pipeline.preflight import prepare
@@ -211,7 +211,7 @@ class Trainer:
         if self.rank == 0:
             details = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
             self.log.log(f"{tag} was saved under another topology ({details})")
-        checkpointing.ensure_universal(step_dir, self.rank, self.log.log)
+        universal_checkpoint.ensure_universal(step_dir, self.rank, self.log.log)
         dist.barrier()
         return tag, True
 

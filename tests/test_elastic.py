@@ -18,7 +18,7 @@ import pytest
 from launching import launch, losses
 
 from data_prep.reader import DistributedBatches
-from pipeline import checkpointing
+from pipeline import checkpointing, universal_checkpoint
 from pipeline.errors import UserError
 
 STEPS, SAVED_AT = 8, 4
@@ -163,7 +163,7 @@ def test_resume_under_another_topology_continues_exactly(train_workspace):
         assert "resumed from step_00000004 through its universal checkpoint: step 4, 32 samples" in log
         REPORT[f"{name}_rel_mismatch"] = relative_mismatch(resumed, full)
         assert learning_rates(ws, name) == learning_rates(ws, "base"), name  # the schedule's step
-        universal = ws / name / "checkpoints" / f"step_{SAVED_AT:08d}" / checkpointing.UNIVERSAL
+        universal = ws / name / "checkpoints" / f"step_{SAVED_AT:08d}" / universal_checkpoint.UNIVERSAL
         REPORT[f"{name}_universal_mib"] = round(
             sum(f.stat().st_size for f in universal.rglob("*")) / 2**20, 2
         )
