@@ -105,6 +105,9 @@ class DictReader:
     def get(self, name: str) -> torch.Tensor:
         return self.state[name]
 
+    def shape(self, name: str) -> list[int]:
+        return list(self.state[name].shape)
+
 
 @dataclass
 class Source:

@@ -111,10 +111,14 @@ def _tensor_names(path: Path) -> set[str]:
         ) from None
 
 
-def check_against_config(reader: CheckpointReader, config: ModelConfig) -> None:
-    """Header-only check, before any work: every tensor config.json implies is in the checkpoint with its
-    shape, and the checkpoint holds no other (a tied `lm_head.weight` may be present)."""
-    where = reader.dir
+def check_against_config(reader, config: ModelConfig, where: str | Path | None = None) -> None:
+    """Before any tensor is read (from safetensors headers): every tensor config.json implies is in the
+    checkpoint with its shape, and the checkpoint holds no other (a tied `lm_head.weight` may be present).
+
+    `reader` has the `CheckpointReader` interface (`names()`, `in`, `shape(name)`); `where` names the
+    source in the messages (default: the reader's directory).
+    """
+    where = reader.dir if where is None else where
     shapes = expected_shapes(config)
     missing = [name for name in shapes if name not in reader]
     if missing:
@@ -122,10 +126,9 @@ def check_against_config(reader: CheckpointReader, config: ModelConfig) -> None:
             f"{where}: tensors {missing[:3]} are missing ({len(missing)} in all; config.json implies them)"
         )
     for name, shape in shapes.items():
-        if reader.shape(name) != list(shape):
-            raise UserError(
-                f"{where}: tensor {name!r} has shape {reader.shape(name)}, config.json implies {list(shape)}"
-            )
+        found = reader.shape(name)
+        if found != list(shape):
+            raise UserError(f"{where}: tensor {name!r} has shape {found}, config.json implies {list(shape)}")
     unexpected = sorted(set(reader.names()) - set(shapes) - {"lm_head.weight"})
     if unexpected:
         raise UserError(f"{where}: the checkpoint has tensors the model does not: {unexpected[:5]}")
@@ -217,30 +220,17 @@ def build_model(
 ):
     """Our `CausalLM`, built on the meta device and filled tensor by tensor from `reader`.
 
-    `reader` is anything with the `CheckpointReader` interface (`names()`, `in`, `get(name)`): a safetensors
-    directory, or the in-memory state of a training checkpoint (`pipeline.export.DictReader`). Every
-    parameter the model expects must be present with the exact shape; unexpected tensors are an error too,
-    so a mismatched checkpoint never loads silently. `where` names the source in error messages.
+    `reader` is anything with the `CheckpointReader` interface (`names()`, `in`, `shape(name)`,
+    `get(name)`): a safetensors directory, or the in-memory state of a training checkpoint
+    (`pipeline.export.DictReader`). `check_against_config` runs first, so a mismatched checkpoint never
+    loads silently. `where` names the source in error messages.
     """
     from pipeline.model import CausalLM, RotaryEmbedding
 
+    check_against_config(reader, config, where)
     with torch.device("meta"):
         model = CausalLM(config)
-    state = {}
-    for name, shape in expected_shapes(config).items():
-        if name not in reader:
-            raise UserError(
-                f"{where}: tensor {name!r} is missing from the checkpoint (config.json says it exists)"
-            )
-        tensor = reader.get(name)
-        if list(tensor.shape) != list(shape):
-            raise UserError(
-                f"{where}: tensor {name!r} has shape {list(tensor.shape)}, config.json implies {list(shape)}"
-            )
-        state[name] = tensor.to(device=device, dtype=dtype)
-    unexpected = sorted(set(reader.names()) - set(state) - {"lm_head.weight"})
-    if unexpected:
-        raise UserError(f"{where}: the checkpoint has tensors the model does not: {unexpected[:5]}")
+    state = {name: reader.get(name).to(device=device, dtype=dtype) for name in expected_shapes(config)}
     model.load_state_dict(state, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
