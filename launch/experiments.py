@@ -3,8 +3,14 @@ paper's ablations, and the comparisons the paper reports. Data only; the runner 
 
 A `Size` fixes the dense model, the corpus, the batch and both training phases (dense pretraining from
 scratch, then every continued run at equal tokens). A `Variant` is one continued-training run: the dense
-model itself or an upcycled MoE (N experts, top-K, granularity G, routing; docs/design.md §2, §3), with the
-paper's learning-rate reset or a constant minimum learning rate.
+model itself or an upcycled MoE (N experts, top-K, granularity G, routing; docs/design.md §2, §3), trained
+with the size's continued-training recipe or one of the two learning-rate schedules compared in
+docs/results.md (the paper's reset to the pretraining peak, or a constant minimum).
+
+Every continued run is repeated for each of `SEEDS` (`reproduce.py --seeds N` takes the first N): the seed
+sets the data order (train.seed) and the conversion's randomness (router init, drop-upcycling subsets).
+Validation always uses the same windows (data.eval_seed = EVAL_SEED), so runs and seeds compare window for
+window.
 """
 
 from __future__ import annotations
@@ -14,6 +20,12 @@ from pathlib import Path
 
 # The run config every run starts from; the runner overrides sizes, schedule and paths.
 BASE_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
+# (data order = train.seed, conversion seed) of each repeat; the first is the single-seed runs' seed.
+SEEDS = ((1234, 0), (7, 1), (99, 2))
+EVAL_SEED = 0  # data.eval_seed of every run: the validation windows do not depend on the training seed
+# Continued-training learning rates: `reset` is the paper's (warmup to the pretraining peak, cosine to the
+# pretraining minimum), `constant_min` stays at the pretraining minimum (no warmup, no decay).
+LR_SCHEDULES = ("reset", "constant_min")
 
 
 @dataclass
@@ -37,6 +49,7 @@ class Size:
     eval_batches: int
     eval_every: int  # evaluations during each continued run (plus one at the end)
     valid_fraction: float
+    continue_lr: str = "reset"  # the recipe's schedule, one of LR_SCHEDULES
     precision: str = "fp32"
     fine: tuple[int, int, int] = (16, 4, 2)  # (N, K, G) of the fine-grained variant: K/G = 2 like E8T2
     log_interval: int = 10
@@ -64,6 +77,7 @@ SIZES = {
         eval_batches=1,
         eval_every=1,
         valid_fraction=0.05,
+        continue_lr="constant_min",
         log_interval=1,
     ),
     # 2 CPU cores: the whole quickstart in 8.4 minutes (measured, machine otherwise idle)
@@ -84,9 +98,10 @@ SIZES = {
         continue_warmup=5,
         lr=2e-3,
         min_lr=2e-4,
-        eval_batches=8,
-        eval_every=4,
+        eval_batches=0,  # every validation window (56 batches of 16), so that seeds compare on enough text
+        eval_every=2,
         valid_fraction=0.03,
+        continue_lr="constant_min",  # chosen from the 3-seed runs in docs/results.md
     ),
     # one or more GPUs (untested here): ~100M-parameter dense Llama, bf16, 131M + 4 x 33M tokens
     "gpu": Size(
@@ -127,8 +142,9 @@ class Variant:
     routing: str = "softmax-topk"
     weight_scaling: bool = True
     virtual_groups: bool = True
-    lr_reset: bool = True  # False: constant learning rate at the pretraining minimum
-    convert_args: list[str] = field(default_factory=list)
+    lr: str = "recipe"  # the size's continue_lr, or one of LR_SCHEDULES
+    drop_ratio: float = 0.0  # `upcycle convert --drop-ratio` (Drop-Upcycling)
+    overrides: dict[str, str] = field(default_factory=dict)  # run config keys, e.g. {"moe.balance": "bias"}
 
     @property
     def is_moe(self) -> bool:
@@ -140,6 +156,7 @@ class Variant:
             return "dense"
         key = f"E{self.experts}T{self.top_k}G{self.granularity}-{self.routing}"
         key += "" if self.weight_scaling else "-noscale"
+        key += f"-drop{self.drop_ratio:g}" if self.drop_ratio else ""
         return key + ("" if self.virtual_groups else "-novg")
 
 
@@ -154,6 +171,7 @@ def quickstart_variants(size: Size) -> list[Variant]:
 
 def paper_variants(size: Size) -> list[Variant]:
     n, k, g = size.fine
+    other_lr = next(lr for lr in LR_SCHEDULES if lr != size.continue_lr)
     return [
         *quickstart_variants(size),
         Variant("moe_E8T2_topk_softmax", experts=8, top_k=2, routing="topk-softmax"),
@@ -161,8 +179,14 @@ def paper_variants(size: Size) -> list[Variant]:
         Variant(
             f"moe_E{n}T{k}G{g}_no_virtual_groups", experts=n, top_k=k, granularity=g, virtual_groups=False
         ),
-        Variant("moe_E8T2_constant_min_lr", experts=8, top_k=2, lr_reset=False),
-        Variant("dense_continued_constant_min_lr", lr_reset=False),
+        Variant(f"moe_E8T2_{other_lr}", experts=8, top_k=2, lr=other_lr),
+        Variant(f"dense_continued_{other_lr}", lr=other_lr),
+        # Beyond the paper (docs/design.md §2, §3): each against moe_E8T2, the paper's recipe.
+        Variant("moe_E8T2_drop0.25", experts=8, top_k=2, drop_ratio=0.25),
+        Variant("moe_E8T2_drop0.5", experts=8, top_k=2, drop_ratio=0.5),
+        Variant("moe_E8T2_bias", experts=8, top_k=2, overrides={"moe.balance": "bias"}),
+        Variant("moe_E8T2_aux+bias", experts=8, top_k=2, overrides={"moe.balance": "aux+bias"}),
+        Variant("moe_E8T2_global_aux", experts=8, top_k=2, overrides={"moe.aux_loss_scope": "global"}),
     ]
 
 
@@ -170,6 +194,21 @@ def paper_variants(size: Size) -> list[Variant]:
 def paper_comparisons(size: Size) -> list[tuple[str, str, str, str]]:
     n, k, g = size.fine
     fine = f"moe_E{n}T{k}G{g}"
+    other_lr = next(lr for lr in LR_SCHEDULES if lr != size.continue_lr)
+    lr_rows = [
+        (
+            f"LR: {size.continue_lr} (recipe) vs {other_lr} (MoE)",
+            "moe_E8T2",
+            f"moe_E8T2_{other_lr}",
+            "reset better (the paper, up to 1T tokens)",
+        ),
+        (
+            f"LR: {size.continue_lr} (recipe) vs {other_lr} (dense)",
+            "dense_continued",
+            f"dense_continued_{other_lr}",
+            "(control: the schedule is not an MoE-only effect)",
+        ),
+    ]
     return [
         (
             "upcycled vs continued dense, equal tokens",
@@ -191,16 +230,25 @@ def paper_comparisons(size: Size) -> list[tuple[str, str, str, str]]:
             "mixed: fine-grained better in the 2B ablations, E8G1T2 (1.306) ahead of E8G8T8 (1.320) at 15B",
         ),
         (f"virtual groups on vs off (G={g})", fine, f"{fine}_no_virtual_groups", "virtual groups better"),
+        *lr_rows,
         (
-            "LR reset to pretraining peak vs constant minimum (MoE)",
+            "drop-upcycling r=0.25 vs plain copies",
+            "moe_E8T2_drop0.25",
             "moe_E8T2",
-            "moe_E8T2_constant_min_lr",
-            "reset better",
+            "Drop-Upcycling: r>0 better",
         ),
         (
-            "LR reset to pretraining peak vs constant minimum (dense)",
-            "dense_continued",
-            "dense_continued_constant_min_lr",
-            "(control: the reset is not an MoE-only effect)",
+            "drop-upcycling r=0.5 vs plain copies",
+            "moe_E8T2_drop0.5",
+            "moe_E8T2",
+            "Drop-Upcycling: r=0.5 best",
         ),
+        ("bias balancing (no aux loss) vs aux loss", "moe_E8T2_bias", "moe_E8T2", "aux-loss-free better"),
+        (
+            "aux loss + bias vs aux loss",
+            "moe_E8T2_aux+bias",
+            "moe_E8T2",
+            "(DeepSeek-V3 keeps a tiny aux loss)",
+        ),
+        ("global-batch vs micro-batch aux loss", "moe_E8T2_global_aux", "moe_E8T2", "global better (Qwen3)"),
     ]

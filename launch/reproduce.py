@@ -1,7 +1,7 @@
 """The quickstart and a small-scale reproduction of the upcycling paper's comparisons, on the real pipeline.
 
-    python launch/reproduce.py quickstart [--size tiny|cpu|gpu] [--out DIR]   (what launch/quickstart.sh runs)
-    python launch/reproduce.py paper      [--size tiny|cpu|gpu] [--out DIR]   (the ablation table)
+    python launch/reproduce.py quickstart [--size tiny|cpu|gpu] [--out DIR] [--seeds N]   (quickstart.sh)
+    python launch/reproduce.py paper      [--size tiny|cpu|gpu] [--out DIR] [--seeds N]   (the ablation table)
 
 Both share one working directory (default `runs/quickstart` for `--size cpu`, `runs/quickstart-SIZE`
 otherwise) and skip every stage that is already complete there, so `paper` after `quickstart` reuses the
@@ -10,18 +10,20 @@ data, the pretrained dense model and the three quickstart runs, and only trains 
 Stages, through the `upcycle` command line (the export runs in process):
   1. `upcycle prep corpus|tokenizer|tokenize`: the embedded default corpus (Python's standard library);
   2. `upcycle init` + `upcycle train` (dense, ep_size 1): pretrain a small Llama from scratch, warmup and
-     cosine to the minimum learning rate, so it ends on its plateau; its final validation loss is
-     `dense_start`;
+     cosine to the minimum learning rate; `dense_start` is the pretrained model scored on the validation
+     windows every continued run is scored on;
   3. export the trained dense weights to a Hugging Face directory (`pipeline.export`, in process);
   4. `upcycle convert` for each MoE variant;
-  5. `upcycle train` for each variant and for the dense model itself, the same number of steps and tokens,
-     the same data order and validation windows; MoE runs use expert parallelism over all ranks. The
-     paper's learning-rate reset: warmup to the pretraining peak, cosine to the pretraining minimum;
-  6. `results.json`, `results.md`, `val_curves.png` (and for `paper`: `reproduce.json|md|png`).
+  5. `upcycle train` for each variant and for the dense model itself, for each seed: the same number of
+     steps and tokens, the same data order within a seed, the same validation windows in every run
+     (data.eval_seed); MoE runs use expert parallelism over all ranks;
+  6. `results.json`, `results.md`, `val_curves.png` (and for `paper`: `reproduce.json|md|png`): per run and
+     seed, mean +- std over seeds, and the window-paired standard error of each difference.
 
-Every run is seeded (data order, model init, router init); the numbers are for one seed. What runs (sizes,
-variants, comparisons) is defined in launch/experiments.py, the result files are written by
-launch/report.py; this script runs the stages.
+`--seeds N` repeats every continued run with the first N of experiments.SEEDS (data order, conversion
+seed); more seeds later add runs and keep the finished ones. What runs (sizes, variants, comparisons) is
+defined in launch/experiments.py, the result files are written by launch/report.py; this script runs the
+stages.
 """
 
 from __future__ import annotations
@@ -44,7 +46,15 @@ REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO)]
 
 import report  # noqa: E402
-from experiments import BASE_CONFIG, SIZES, Variant, paper_variants, quickstart_variants  # noqa: E402
+from experiments import (  # noqa: E402
+    BASE_CONFIG,
+    EVAL_SEED,
+    SEEDS,
+    SIZES,
+    Variant,
+    paper_variants,
+    quickstart_variants,
+)
 
 # ---- running the stages --------------------------------------------------------------------------------
 
@@ -57,6 +67,7 @@ class Pipeline:
             args.out or ("runs/quickstart" if args.size == "cpu" else f"runs/quickstart-{args.size}")
         )
         self.nproc = args.nproc or default_nproc()
+        self.seeds = SEEDS[: args.seeds]
         self.corpus = args.corpus
         self.env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         if not cuda_available():
@@ -175,6 +186,8 @@ class Pipeline:
         min_lr: float,
         schedule: str,
         moe: bool,
+        seed: int = SEEDS[0][0],
+        extra: dict | None = None,
     ) -> dict:
         """One `upcycle train` run into runs/NAME; returns its record (skipped when done.json exists)."""
         run_dir = self.out / "runs" / name
@@ -190,6 +203,8 @@ class Pipeline:
             "data.path": self.out / "data",
             "output.dir": run_dir,
             "data.eval_batches": s.eval_batches,
+            "data.eval_seed": EVAL_SEED,
+            "train.seed": seed,
             "train.steps": steps,
             "train.seq_len": s.seq_len,
             "train.global_batch": s.global_batch,
@@ -203,6 +218,7 @@ class Pipeline:
             "output.eval_interval": eval_interval,
             "output.log_interval": s.log_interval,
             "output.checkpoint_interval": 0,
+            **(extra or {}),
         }
         argv = [
             "train",
@@ -223,9 +239,12 @@ class Pipeline:
         started = time.time()
         self.upcycle(*argv, log=name, stream=True)
         curve = [json.loads(line) for line in (run_dir / "val_loss.jsonl").read_text().splitlines()]
+        windows = json.loads((run_dir / "val_window_losses.json").read_text())
         record = {
             "name": name,
+            "seed": seed,
             "val_loss": curve[-1]["val_loss"],
+            "window_losses": windows["losses"],
             "curve": [[row["step"] * s.global_batch * s.seq_len, row["val_loss"]] for row in curve],
             "steps": steps,
             "tokens": tokens,
@@ -286,11 +305,36 @@ class Pipeline:
         except UserError as exc:
             sys.exit(f"reproduce: exporting {run_dir} failed: {exc}")
 
-    def model_for(self, variant: Variant) -> Path:
+    def dense_start(self, pretrain: dict) -> dict:
+        """The pretrained dense model scored in process (`upcycle eval`'s function) on the windows every
+        continued run is scored on: data.eval_seed, global_batch windows per batch, eval_batches batches."""
+        from pipeline.evaluate import evaluate
+
+        path = self.out / "runs" / "dense_start.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        s = self.size
+        data = self.out / "data"
+        batches = s.eval_batches or count_windows(data, s.seq_len) // s.global_batch
+        result = evaluate(
+            str(self.out / "dense"), [str(data)], "valid", s.seq_len, s.global_batch, batches, EVAL_SEED
+        )
+        record = {
+            **pretrain,
+            "name": "dense_start",
+            "val_loss": result["loss"],
+            "window_losses": result["window_losses"],
+            "params_total": count_params(self.out / "dense"),
+        }
+        path.write_text(json.dumps(record) + "\n")
+        self.say(f"dense_start: val loss {record['val_loss']:.4f} on {len(record['window_losses'])} windows")
+        return record
+
+    def model_for(self, variant: Variant, model_seed: int) -> Path:
         dense = self.out / "dense"
         if not variant.is_moe:
             return dense
-        path = self.out / "models" / variant.model_key()
+        path = self.out / "models" / f"{variant.model_key()}-s{model_seed}"
         if (path / "config.json").is_file() and (path / ".done").is_file():
             return path
         argv = [
@@ -308,36 +352,50 @@ class Pipeline:
             "--routing",
             variant.routing,
             "--seed",
-            "0",
+            str(model_seed),
             "--force",
         ]
         if not variant.weight_scaling:
             argv.append("--no-weight-scaling")
-        self.upcycle(*argv, log=f"convert_{variant.model_key()}")
+        if variant.drop_ratio:
+            argv += ["--drop-ratio", str(variant.drop_ratio)]
+        self.upcycle(*argv, log=f"convert_{path.name}")
         if not variant.virtual_groups:
-            independent_router_rows(path, seed=0)
+            independent_router_rows(path, seed=model_seed)
         (path / ".done").write_text("")
         return path
 
-    def continued(self, variant: Variant) -> dict:
+    def lr_schedule(self, variant: Variant) -> tuple[float, float, int, str]:
+        """(peak, minimum, warmup steps, schedule) of a continued run (experiments.LR_SCHEDULES)."""
         s = self.size
-        model = self.model_for(variant)
-        if variant.lr_reset:
-            lr, min_lr, warmup, schedule = s.lr, s.min_lr, s.continue_warmup, "cosine"
-        else:
-            lr, min_lr, warmup, schedule = s.min_lr, s.min_lr, 0, "constant"
+        lr = s.continue_lr if variant.lr == "recipe" else variant.lr
+        if lr == "reset":
+            return s.lr, s.min_lr, s.continue_warmup, "cosine"
+        return s.min_lr, s.min_lr, 0, "constant"
+
+    def continued(self, variant: Variant, data_seed: int, model_seed: int) -> dict:
+        s = self.size
+        model = self.model_for(variant, model_seed)
+        lr, min_lr, warmup, schedule = self.lr_schedule(variant)
         record = self.train(
-            variant.name, model, s.continue_steps, warmup, lr, min_lr, schedule, variant.is_moe
+            f"{variant.name}-s{data_seed}",
+            model,
+            s.continue_steps,
+            warmup,
+            lr,
+            min_lr,
+            schedule,
+            variant.is_moe,
+            seed=data_seed,
+            extra=variant.overrides,
         )
         cfg = json.loads((model / "config.json").read_text())
-        record["params_total"] = count_params(model)
-        record["moe"] = cfg.get("moe")
-        return record
+        return {**record, "variant": variant.name, "params_total": count_params(model), "moe": cfg.get("moe")}
 
     def run(self, variants: list[Variant]) -> tuple[dict, list[dict]]:
         self.prepare_data()
-        start = self.pretrain()
-        records = [self.continued(v) for v in variants]
+        start = self.dense_start(self.pretrain())
+        records = [self.continued(v, data, model) for data, model in self.seeds for v in variants]
         return start, records
 
 
@@ -361,6 +419,12 @@ def independent_router_rows(model_dir: Path, seed: int) -> None:
                 changed = True
         if changed:
             save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def count_windows(data: Path, seq_len: int) -> int:
+    from data_prep.reader import PackedTokenDataset
+
+    return len(PackedTokenDataset([str(data)], "valid", seq_len, EVAL_SEED))
 
 
 def count_params(model_dir: Path) -> int:
@@ -404,7 +468,6 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     p = Pipeline(args)
     p.say(f"quickstart, size {args.size}: working directory {p.out}")
     start, records = p.run(quickstart_variants(p.size))
-    start["params_total"] = count_params(p.out / "dense")
     report.write_quickstart(p.out, p.settings(), start, records, time.time() - p.started)
     return 0
 
@@ -417,7 +480,6 @@ def cmd_paper(args: argparse.Namespace) -> int:
         wanted = set(args.only.split(","))
         variants = [v for v in variants if v.name in wanted]
     start, records = p.run(variants)
-    start["params_total"] = count_params(p.out / "dense")
     report.write_paper(p.out, p.settings(), start, records, time.time() - p.started)
     return 0
 
@@ -437,6 +499,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--nproc", type=int, help="ranks (default: all GPUs, or 2 on CPU)")
         p.add_argument("--corpus", help="JSONL corpus to use instead of the embedded standard library one")
         p.add_argument("--force", action="store_true", help="discard a working directory with other settings")
+        p.add_argument(
+            "--seeds",
+            type=int,
+            default=1,
+            choices=range(1, len(SEEDS) + 1),
+            help="repeats of every continued run",
+        )
         if name == "paper":
             p.add_argument("--only", help="comma-separated run names")
         p.set_defaults(func=func)

@@ -237,6 +237,7 @@ def resume_plan(output_dir: str | Path, cfg_dict: dict, expected: dict, on_damag
             f"cannot resume {path}: {details}. These fix the data order (which samples each step sees) and "
             "cannot change within a run; resume with the original values, or use a new output.dir"
         )
+    _check_expert_bias_kept(path, saved_cfg, cfg_dict)
     changed = topology_changes(state, expected)
     old_stage, new_stage = (
         state.get("topology", {}).get("parallel.zero_stage"),
@@ -250,6 +251,18 @@ def resume_plan(output_dir: str | Path, cfg_dict: dict, expected: dict, on_damag
             "change), or use a new output.dir"
         )
     return tag, changed
+
+
+def _check_expert_bias_kept(path: Path, saved_cfg: dict, cfg_dict: dict) -> None:
+    """A run's MoE layers either carry an expert bias (moe.balance bias, aux+bias) or not (aux), and DeepSpeed
+    loads the module state strictly: switching between the two is refused here, before any rank starts."""
+    old, new = (c.get("moe", {}).get("balance", "aux") for c in (saved_cfg, cfg_dict))
+    if "moe" in saved_cfg and "moe" in cfg_dict and (old == "aux") != (new == "aux"):
+        raise UserError(
+            f"cannot resume {path}: moe.balance was {old} and is now {new}, but the checkpoint's MoE layers "
+            f"{'have no' if old == 'aux' else 'carry an'} expert bias. Resume with moe.balance {old} (bias "
+            "and aux+bias may replace each other), or start a new output.dir"
+        )
 
 
 def topology_changes(run_state: dict, expected: dict) -> dict:
@@ -423,12 +436,35 @@ def load(engine, output_dir: str | Path, tag: str, universal: bool = False) -> d
         raise UserError(f"DeepSpeed could not load {load_dir / load_tag}")
     if universal:
         universal_checkpoint.unshare_adam_steps(engine)
+        _restore_buffers(engine, root / tag)
     rng_file = root / tag / f"rng_rank{dist.get_rank()}.pt"
     if not rng_file.is_file():
         rng_file = root / tag / "rng_rank0.pt"
     if rng_file.is_file():
         _set_rng_state(torch.load(rng_file, weights_only=True))
     return run_state
+
+
+def _restore_buffers(engine, step_dir: Path) -> None:
+    """DeepSpeed's universal load restores parameters and optimizer state but skips the module state, so
+    persistent buffers (the expert bias of moe.balance bias, docs/design.md §3) would silently restart
+    from their initial values. Copy them from the step's own model-state file (rank 0's: whole, not
+    sharded); non-persistent buffers are not saved and stay as they are."""
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+    path = next((step_dir / n for n in names if (step_dir / n).is_file()), None)
+    buffers = {
+        f"{prefix}.{name}" if prefix else name: buffer
+        for prefix, module in engine.module.named_modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None and name not in module._non_persistent_buffers_set
+    }
+    if path is None or not buffers:
+        return
+    saved = torch.load(path, map_location="cpu", weights_only=True)["module"]
+    with torch.no_grad():
+        for name, buffer in buffers.items():
+            if name in saved:
+                buffer.copy_(saved[name])
 
 
 def _rng_state() -> dict:

@@ -79,6 +79,21 @@ def check_moe_shape(num_experts: int, top_k: int, granularity: int, describe=_as
         raise UserError(problem)
 
 
+def check_drop_ratio(drop_ratio, describe=_as_field) -> None:
+    """Drop-Upcycling's ratio (docs/design.md §2): a number in [0, 1); `describe` as in check_moe_shape.
+
+    1 would re-initialise every neuron, leaving nothing of the dense model to upcycle; NaN fails the
+    comparison and is refused with the rest.
+    """
+    is_number = isinstance(drop_ratio, (int, float)) and not isinstance(drop_ratio, bool)
+    if not (is_number and 0 <= drop_ratio < 1):
+        raise UserError(
+            f"{describe('drop_ratio', drop_ratio)}: must be a number in [0, 1) (the share of each "
+            "expert's intermediate neurons re-initialised; 0 turns Drop-Upcycling off, 0.5 is the paper's "
+            "choice)"
+        )
+
+
 @dataclass(frozen=True, kw_only=True)
 class MoEConfig:
     """How the MLPs of `layers` were upcycled (notation: docs/design.md §1).
@@ -96,6 +111,9 @@ class MoEConfig:
     expert_scale: float  # c: up_proj and down_proj were multiplied by sqrt(c)
     router_init_std: float = 0.0
     seed: int = 0
+    # Drop-Upcycling: share of each expert's neurons re-initialised (0: plain upcycling; configs written
+    # before the field existed load with 0, which is what they were converted with).
+    drop_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
@@ -107,6 +125,7 @@ class MoEConfig:
             raise UserError("moe.layers is empty: an upcycled model has at least one MoE layer")
         if not self.expert_scale > 0:
             raise UserError(f"moe.expert_scale={self.expert_scale}: must be > 0")
+        check_drop_ratio(self.drop_ratio)
 
     @property
     def expansion_rate(self) -> int:

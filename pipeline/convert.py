@@ -52,7 +52,14 @@ def add_parser(subparsers) -> None:
         default=None,
         help="std of the virtual-group router init (default 1e-3/sqrt(hidden_size))",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the router init and --drop-ratio's draws")
+    p.add_argument(
+        "--drop-ratio",
+        type=float,
+        default=0.0,
+        help="Drop-Upcycling: re-initialise this share (in [0, 1)) of each expert's intermediate neurons "
+        "from the dense weights' mean and std (default 0: off; 0.5 in the paper)",
+    )
     p.add_argument(
         "--dtype",
         choices=DTYPE_CHOICES,
@@ -85,6 +92,7 @@ def run_cli(args: argparse.Namespace) -> int:
         router_init_std=args.router_init_std,
         seed=args.seed,
         weight_scaling=not args.no_weight_scaling,
+        drop_ratio=args.drop_ratio,
     )
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
@@ -133,7 +141,7 @@ def convert(
     for layer in tqdm(moe.layers, desc="upcycle MLPs", unit="layer"):
         prefix = f"model.layers.{layer}.mlp."
         writer.add(prefix + "gate.weight", virtual_group_router(moe, config.hidden_size, layer).to(dtype))
-        for name, tensor in _upcycle_layer(reader, moe, prefix, config.mlp_bias, dtype).items():
+        for name, tensor in _upcycle_layer(reader, moe, layer, config.mlp_bias, dtype).items():
             writer.add(prefix + "experts." + name, tensor)
     files = writer.close()
     out_config = dict(raw_config)
@@ -144,10 +152,11 @@ def convert(
     return files
 
 
-def _upcycle_layer(reader: CheckpointReader, moe: MoEConfig, prefix: str, has_bias: bool, dtype) -> dict:
+def _upcycle_layer(reader: CheckpointReader, moe: MoEConfig, layer: int, has_bias: bool, dtype) -> dict:
+    prefix = f"model.layers.{layer}.mlp."
     weights = [reader.get(f"{prefix}{part}.weight") for part in MLP_PARTS]
     biases = [reader.get(f"{prefix}{part}.bias") for part in MLP_PARTS] if has_bias else []
-    return upcycle_mlp(moe, *weights, *biases, dtype=dtype)
+    return upcycle_mlp(moe, *weights, *biases, dtype=dtype, layer=layer)
 
 
 def parameter_counts(config: ModelConfig) -> tuple[int, int]:
@@ -156,6 +165,16 @@ def parameter_counts(config: ModelConfig) -> tuple[int, int]:
 
     with torch.device("meta"):
         return CausalLM(config).num_parameters()
+
+
+def _drop_plan(moe: MoEConfig) -> list[str]:
+    if moe.drop_ratio == 0:
+        return []
+    I = moe.expert_intermediate_size
+    return [
+        f"drop-upcycling: each expert re-initialises {round(moe.drop_ratio * I)} of its {I} neurons "
+        f"(--drop-ratio {moe.drop_ratio:g}, seed {moe.seed}); the model starts near, not at, the dense one"
+    ]
 
 
 def format_plan(dense: ModelConfig, moe: MoEConfig) -> str:
@@ -170,6 +189,7 @@ def format_plan(dense: ModelConfig, moe: MoEConfig) -> str:
         f"upcycling plan: N={moe.num_experts} experts (R={moe.expansion_rate} copies x G={moe.granularity} "
         f"shards), top-K={moe.top_k}, routing={moe.routing}, expert scale c={moe.expert_scale:g}, "
         f"router init std {moe.router_init_std:.3g}",
+        *_drop_plan(moe),
         f"parameters: dense {dense_total / 1e6:,.1f}M -> total {total / 1e6:,.1f}M, "
         f"active {active / 1e6:,.1f}M "
         "per token",

@@ -40,6 +40,9 @@ OUR_GATE_UP, OUR_DOWN = "gate_up_proj", "down_proj"
 AUTOEP_ROUTER = "router.gate"  # AutoEP moves our `mlp.gate` Linear under its router module
 AUTOEP_GATE, AUTOEP_UP, AUTOEP_DOWN = "w1", "w3", "w2"
 ROUTER_SUFFIX = f"mlp.{AUTOEP_ROUTER}"  # module names of the routers inside the engine
+# The selection bias of `moe.balance: bias` (docs/design.md §3): `model.layers.{i}.mlp.expert_bias` [N] fp32,
+# the same name in both (the attribute AutoEP's forward passes to its router, and our MoEBlock's buffer).
+EXPERT_BIAS = "expert_bias"
 
 
 def autoep_section(top_k: int, routing: str, ep_size: int, cuda: bool, layer_pattern=MOE_LAYER_PATTERN):
@@ -142,6 +145,49 @@ def initialize_engine(
 # ---- router logits -----------------------------------------------------------------------------------
 
 
+def sum_over_routers(x: torch.Tensor) -> torch.Tensor:
+    """All-reduce (sum) in place over every rank: under AutoEP each rank routes its own tokens over all N
+    experts (the expert-parallel group only splits where the experts live), so the routers' data-parallel
+    group is the whole world. Without a process group (one process: tests, reference runs) a no-op."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+@dataclass
+class GlobalBalance:
+    """One optimizer step's sums for the global-batch load-balancing loss (moe.aux_loss_scope=global,
+    docs/design.md §3). Counts are float64, so they stay exact integers however large the batch."""
+
+    top_k: int
+    slots_LN: torch.Tensor | None = None  # slots per expert: the step's micro-batches so far, all ranks
+    probs_LN: torch.Tensor | None = None  # this rank's router probabilities, summed over its tokens so far
+
+    def add(self, logits: list, experts: list) -> torch.Tensor:
+        """One micro-batch in; its loss to backpropagate out: the mean over layers of N * sum_e f_e * P_e,
+        f_e the share of the step's slots so far that went to e (all ranks; no gradient) and P_e the mean
+        probability of e over this micro-batch's tokens (the micro scope's P, so equal gradient scale)."""
+        num_experts = logits[0].shape[-1]
+        slots_LN = torch.stack([torch.bincount(e.flatten(), minlength=num_experts) for e in experts])
+        # Summed over the ranks now, not at the end of the step: the gradient of this micro-batch needs f.
+        slots_LN = sum_over_routers(slots_LN.double())
+        self.slots_LN = slots_LN if self.slots_LN is None else self.slots_LN + slots_LN
+        probs_L = [torch.softmax(lg.float(), dim=-1) for lg in logits]  # [T, N] each
+        probs_sum_LN = torch.stack([p.detach().sum(dim=0) for p in probs_L]).double()
+        self.probs_LN = probs_sum_LN if self.probs_LN is None else self.probs_LN + probs_sum_LN
+        f_LN = (self.slots_LN / self.slots_LN.sum(dim=-1, keepdim=True)).float()
+        mean_probs_LN = torch.stack([p.mean(dim=0) for p in probs_L])
+        return (num_experts * (f_LN * mean_probs_LN).sum(dim=-1)).mean()
+
+    def step_loss(self) -> float:
+        """The loss of the whole step, to log: mean over layers of N * sum_e f_e * P_e, f_e and P_e over
+        every token of every micro-batch on every rank (independent of how the batch was split)."""
+        tokens = self.slots_LN[0].sum() / self.top_k  # the step's tokens, all ranks (every layer sees all)
+        probs_LN = sum_over_routers(self.probs_LN.clone())
+        f_LN = self.slots_LN / (tokens * self.top_k)
+        return float((self.slots_LN.shape[-1] * (f_LN * probs_LN / tokens).sum(dim=-1)).mean())
+
+
 @dataclass
 class RouterCapture:
     """Collects router logits [T, N] from forward hooks on every MoE layer's gate Linear."""
@@ -149,32 +195,74 @@ class RouterCapture:
     top_k: int
     routing: str
     logits: list = field(default_factory=list)
+    scope: str = "micro"  # moe.aux_loss_scope: micro | global (docs/design.md §3)
+    balance: GlobalBalance | None = None  # the global scope's sums for the current optimizer step
+    layers: list = field(default_factory=list)  # the AutoEP layers, in forward order (their expert_bias)
+    bias_update_rate: float = 0.0  # moe.bias_update_rate, when the layers carry an expert bias
 
     def attach(self, module: torch.nn.Module) -> int:
-        gates = [m for name, m in module.named_modules() if name.endswith(ROUTER_SUFFIX)]
-        for gate in gates:
-            gate.register_forward_hook(lambda _m, _i, out: self.logits.append(out))
-        return len(gates)
+        names = [name for name, _ in module.named_modules() if name.endswith(ROUTER_SUFFIX)]
+        for name in names:
+            module.get_submodule(name).register_forward_hook(lambda _m, _i, out: self.logits.append(out))
+        self.layers = [module.get_submodule(name.removesuffix(f".{AUTOEP_ROUTER}")) for name in names]
+        return len(names)
+
+    @property
+    def biases(self) -> list[torch.Tensor | None]:
+        """The expert bias the forward selected with, one per captured logits (layers run in order)."""
+        if not self.layers:  # logits filled by hand (reference computations in tests): no bias
+            return [None] * len(self.logits)
+        return [
+            getattr(self.layers[i % len(self.layers)], EXPERT_BIAS, None) for i in range(len(self.logits))
+        ]
+
+    def selections(self) -> list[torch.Tensor]:
+        """experts_TK per captured logits, chosen as the engine's forward chose them (same bias, same rule):
+        the aux loss and the logged loads must count the experts the tokens really went to."""
+        return [
+            route(lg, self.top_k, self.routing, b)[1] for lg, b in zip(self.logits, self.biases, strict=True)
+        ]
+
+    def update_expert_bias(self, counts_LN: torch.Tensor) -> dict:
+        """After an optimizer step: every layer's bias moves toward balance by the step's expert loads,
+        counted over the whole global batch (all micro-batches, all ranks: every rank has the same counts, so
+        the same bias). Returns {"expert_bias": bias_LN} for the run log, {} without a bias."""
+        if not self.layers or getattr(self.layers[0], EXPERT_BIAS, None) is None:
+            return {}
+        with torch.no_grad():
+            for layer, counts_N in zip(self.layers, counts_LN, strict=True):
+                update_expert_bias(layer.expert_bias, counts_N, self.bias_update_rate)
+        return {"expert_bias": torch.stack([layer.expert_bias.detach().cpu() for layer in self.layers])}
 
     def losses(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(load-balancing loss, z-loss), each averaged over the MoE layers of this forward."""
         if not self.logits:
             zero = torch.zeros(())
             return zero, zero
-        aux = [
-            load_balancing_loss(lg, route(lg, self.top_k, self.routing)[1], lg.shape[-1])
-            for lg in self.logits
-        ]
-        z = [router_z_loss(lg) for lg in self.logits]
-        return torch.stack(aux).mean(), torch.stack(z).mean()
+        z = torch.stack([router_z_loss(lg) for lg in self.logits]).mean()
+        if self.scope == "global":
+            return self.balance.add(self.logits, self.selections()), z
+        selected = zip(self.logits, self.selections(), strict=True)
+        aux = [load_balancing_loss(lg, experts_TK, lg.shape[-1]) for lg, experts_TK in selected]
+        return torch.stack(aux).mean(), z
+
+    def begin_step(self) -> None:
+        """A new optimizer step: the global scope counts expert frequencies from zero again."""
+        if self.scope == "global":
+            self.balance = GlobalBalance(self.top_k)
+
+    def step_aux(self) -> float | None:
+        """The step's load-balancing loss over its whole global batch (global scope; collective: every
+        rank calls it once per step); None in the micro scope."""
+        return self.balance.step_loss() if self.scope == "global" else None
 
 
-def attach_router_capture(engine, model_config: ModelConfig) -> RouterCapture | None:
+def attach_router_capture(engine, model_config: ModelConfig, scope: str = "micro") -> RouterCapture | None:
     """Hook every AutoEP router of the engine; None for a dense model."""
     moe = model_config.moe
     if moe is None:
         return None
-    capture = RouterCapture(moe.top_k, moe.routing)
+    capture = RouterCapture(moe.top_k, moe.routing, scope=scope)
     attached = capture.attach(engine.module)
     if attached != len(moe.layers):
         raise RuntimeError(f"AutoEP replaced {attached} MoE layers, the model has {len(moe.layers)}")
@@ -188,6 +276,44 @@ def install_fast_path(engine) -> list[str]:
     switched, skipped = install(engine.module)
     lines = [f"MoE fast path on {switched} of {switched + len(skipped)} AutoEP layers (moe.fast_path)"]
     return lines + [f"  stock DeepSpeed forward kept for {line}" for line in skipped]
+
+
+# ---- aux-loss-free balancing: the expert bias (docs/design.md §3) -----------------------------------
+
+
+def update_expert_bias(bias_N: torch.Tensor, counts_N: torch.Tensor, rate: float) -> None:
+    """b += rate * sign(mean load - load), in place (Wang et al. 2024; DeepSeek-V3): an overloaded expert's
+    bias goes down, an underloaded one's up, by the same step whatever the size of the imbalance."""
+    counts_N = counts_N.to(bias_N.device, torch.float32)
+    bias_N.add_(torch.sign(counts_N.mean() - counts_N), alpha=rate)
+
+
+def install_expert_bias(engine, capture: RouterCapture | None, cfg: RunConfig) -> list[str]:
+    """`moe.balance: bias | aux+bias`: give every AutoEP layer a persistent fp32 `expert_bias` [N] of zeros.
+
+    DeepSpeed's config refuses `load_balance_coeff` (which would create this buffer), but both its stock
+    forward and `pipeline.fast_ep` pass the layer's `expert_bias` to the router, which adds it to the
+    probabilities for the top-K choice only. Registered after `deepspeed.initialize`, so the engine's
+    bf16 cast leaves it fp32, and before any checkpoint load, so a resume restores it. Not a parameter: no
+    gradient, no optimizer state, not sharded by ZeRO or expert parallelism (every rank holds all N, saved
+    with the non-expert weights). Returns the log lines.
+    """
+    moe = cfg.moe
+    if capture is None or moe.balance == "aux":
+        return []
+    for layer in capture.layers:
+        # The layer's count, not the gate weight's rows: under ZeRO-3 that weight is an empty placeholder.
+        num_experts, device = layer.num_experts, layer.router.gate.weight.device
+        if hasattr(layer, EXPERT_BIAS):
+            delattr(layer, EXPERT_BIAS)  # AutoEP's plain `expert_bias = None` attribute
+        layer.register_buffer(EXPERT_BIAS, torch.zeros(num_experts, dtype=torch.float32, device=device))
+    capture.bias_update_rate = rate = moe.bias_update_rate
+    lines = [f"moe.balance {moe.balance}: expert bias on {len(capture.layers)} MoE layers, rate {rate}"]
+    if moe.balance == "bias":
+        lines.append(
+            "moe.balance bias: the load-balancing loss is logged but not added (aux_loss_coef treated as 0)"
+        )
+    return lines
 
 
 # ---- process group ------------------------------------------------------------------------------------

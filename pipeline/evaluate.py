@@ -3,7 +3,9 @@
 `--model` is any of: an upcycled (or dense) model directory, a training checkpoint (output.dir,
 checkpoints/ or step_*), or a Hugging Face export (`upcycle export`; loaded with stock transformers, no
 trust_remote_code). The windows are the trainer's: `--seed`, `--batch-size` and `--batches` equal to
-`train.seed`, `train.global_batch` and `data.eval_batches` score exactly the tokens of the run's validation.
+`data.eval_seed` (default 0 in both), `train.global_batch` and `data.eval_batches` score exactly the windows
+of the run's validation, whatever the run's train.seed. The per-window losses come back too (`--json`), so
+two models can be compared window for window.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     p.add_argument("--batches", type=int, default=0, help="batches to score (0: the whole split, once)")
-    p.add_argument("--seed", type=int, default=0, help="window order (train.seed reproduces the run's)")
+    p.add_argument("--seed", type=int, default=0, help="window order (data.eval_seed reproduces the run's)")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
     p.set_defaults(func=run_cli)
 
@@ -74,6 +76,12 @@ class _Model:
         logits = self.model(ids)
         return logits, [block.last_router_logits_TN for _, block in self.model.moe_blocks()]
 
+    def expert_biases(self) -> list[torch.Tensor | None]:
+        """Each MoE layer's selection bias (moe.balance: bias), so the loads counted are the forward's."""
+        if self.hf is not None:
+            return [None] * len(self.moe_layers)
+        return [block.expert_bias for _, block in self.model.moe_blocks()]
+
 
 def evaluate(
     model_path: str,
@@ -86,7 +94,7 @@ def evaluate(
 ) -> dict:
     """{'loss', 'perplexity', 'tokens', 'layers': {layer: load statistics}} over the chosen windows."""
     from data_prep.reader import PackedTokenDataset
-    from pipeline.metrics import expert_load, load_summary
+    from pipeline.metrics import expert_load, load_summary, standard_error
 
     model = _Model(model_path)
     dataset = PackedTokenDataset(data, split, seq_len, seed)
@@ -98,28 +106,26 @@ def evaluate(
     n = len(dataset) if batches <= 0 else batches * batch_size
     if n == 0:
         raise UserError(f"{data}: the {split!r} split has no windows of {seq_len + 1} tokens")
-    loss_sum, tokens = 0.0, 0
+    window_losses: list[float] = []
     counts = [None] * len(model.moe_layers)
+    biases = model.expert_biases()
     entropy = [0.0] * len(model.moe_layers)
     for start in range(0, n, batch_size):
         rows = [dataset.sample(i) for i in range(start, min(n, start + batch_size))]
         batch = torch.from_numpy(np.stack(rows)).long()
         logits, router = model(batch[:, :-1])
-        loss_sum += float(
-            F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-            )
-        )
-        tokens += batch[:, 1:].numel()
+        per_token_BT = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
+        window_losses += per_token_BT.double().mean(dim=1).tolist()
         if len(router) != len(model.moe_layers):
             raise RuntimeError(
                 f"got router logits for {len(router)} layers, expected {len(model.moe_layers)}"
             )
         for j, lg in enumerate(router):
-            c, ent = expert_load(lg.reshape(-1, lg.shape[-1]), model.top_k, "softmax-topk")
+            c, ent = expert_load(lg.reshape(-1, lg.shape[-1]), model.top_k, "softmax-topk", biases[j])
             counts[j] = c if counts[j] is None else counts[j] + c
             entropy[j] += float(ent)
-    loss = loss_sum / tokens
+    losses_W = torch.tensor(window_losses, dtype=torch.float64)
+    loss, tokens = float(losses_W.mean()), n * seq_len
     layers = {}
     for j, layer in enumerate(model.moe_layers):
         share = counts[j] / counts[j].sum()
@@ -130,17 +136,20 @@ def evaluate(
         }
     return {
         "loss": loss,
+        "standard_error": standard_error(losses_W),
         "perplexity": math.exp(min(loss, 50.0)),
         "tokens": tokens,
         "windows": n,
         "top_k": model.top_k,
         "layers": layers,
+        "window_losses": window_losses,
     }
 
 
 def format_report(result: dict) -> str:
     rows = [
-        f"{result['windows']} windows, {result['tokens']} tokens: loss {result['loss']:.4f}, "
+        f"{result['windows']} windows, {result['tokens']} tokens: loss {result['loss']:.4f} "
+        f"+- {result['standard_error']:.4f} (standard error over windows), "
         f"perplexity {result['perplexity']:.3f}"
     ]
     if result["layers"]:

@@ -17,7 +17,8 @@ and `mlp_only_layers` for the layers that stayed dense. A Qwen3 model (q/k norms
 Qwen3MoeForCausalLM (`norm_topk_prob` from the routing, `mlp_only_layers`, no shared expert). Sliding windows
 are kept: Mixtral's and Qwen3MoE's `sliding_window` (every layer), Qwen2MoE's `use_sliding_window` with an
 explicit `layer_types`. Settings no stock MoE class represents exactly (expert biases from Llama `mlp_bias`,
-an `o_proj` bias from Llama `attention_bias`, a Qwen3 window on some layers only) are refused with the reason.
+an `o_proj` bias from Llama `attention_bias`, a Qwen3 window on some layers only) are refused with the reason,
+and so is a run's non-zero expert bias (`moe.balance bias`) unless `--drop-expert-bias` (docs/design.md §3).
 
 Training checkpoints: `output.dir`, `output.dir/checkpoints` or one `step_*` directory (docs/design.md §6).
 ZeRO-1/2 weights are read from DeepSpeed's model-state and per-expert files; ZeRO-3 checkpoints (no
@@ -34,14 +35,14 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from pipeline import checkpointing
 from pipeline.config import ModelConfig, read_hf_config
-from pipeline.ds_adapter import autoep_to_ours
+from pipeline.ds_adapter import EXPERT_BIAS, autoep_to_ours
 from pipeline.errors import UserError
 from pipeline.hf_io import (
     DTYPE_CHOICES,
@@ -84,6 +85,12 @@ def add_parser(subparsers) -> None:
         help="load the export with transformers and compare its fp32 logits with ours on random tokens",
     )
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
+    p.add_argument(
+        "--drop-expert-bias",
+        action="store_true",
+        help="a run trained with moe.balance bias: export without its expert bias (no stock class has a "
+        "selection-only bias with softmax routing) and print how much that changes the model",
+    )
     p.set_defaults(func=run_cli)
 
 
@@ -116,6 +123,9 @@ class Source:
     config: ModelConfig
     reader: CheckpointReader | DictReader  # tensors under our (Hugging Face style) names
     description: str
+    # moe.balance bias: `model.layers.{i}.mlp.expert_bias` -> [N] fp32 (docs/design.md §3); not a weight
+    # of any stock class, so kept apart from `reader`.
+    expert_bias: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 def open_source(path: str | Path, model_dir: str | Path | None = None) -> Source:
@@ -140,8 +150,8 @@ def open_source(path: str | Path, model_dir: str | Path | None = None) -> Source
             "pass --model DIR pointing at the model directory the run started from"
         )
     raw, config = read_hf_config(model_dir)
-    state = load_training_state(tag_dir, config)
-    return Source(model_dir, raw, config, DictReader(state), f"training checkpoint {tag_dir}")
+    state, expert_bias = split_expert_bias(load_training_state(tag_dir, config))
+    return Source(model_dir, raw, config, DictReader(state), f"training checkpoint {tag_dir}", expert_bias)
 
 
 def find_training_checkpoint(path: Path) -> Path:
@@ -214,7 +224,7 @@ def _read_through_universal(tag_dir: Path) -> dict[str, torch.Tensor]:
             raise UserError(
                 f"{tag_dir}: DeepSpeed's universal-checkpoint conversion failed:\n{result.stderr[-2000:]}"
             )
-        raw = {}
+        raw = _buffers_of_zero3(tag_dir)
         for param_dir in sorted((Path(tmp) / "universal" / "zero").iterdir()):
             fp32 = param_dir / "fp32.pt"
             if fp32.is_file():
@@ -223,10 +233,33 @@ def _read_through_universal(tag_dir: Path) -> dict[str, torch.Tensor]:
         return raw
 
 
+def _buffers_of_zero3(tag_dir: Path) -> dict[str, torch.Tensor]:
+    """The expert biases (moe.balance bias) of a ZeRO-3 checkpoint: buffers, not parameters, so the universal
+    converter (optimizer state) has none; every rank's model-state file holds them whole."""
+    states = torch.load(
+        tag_dir / "zero_pp_rank_0_mp_rank_00_model_states.pt", map_location="cpu", weights_only=True
+    )
+    return {n: t for n, t in states["module"].items() if n.endswith(f".mlp.{EXPERT_BIAS}")}
+
+
+def expert_bias_shapes(config: ModelConfig, state: dict) -> dict[str, torch.Size]:
+    """The expert biases `state` holds (a run with moe.balance bias): [N] per MoE layer."""
+    if config.moe is None:
+        return {}
+    names = (f"model.layers.{layer}.mlp.{EXPERT_BIAS}" for layer in config.moe.layers)
+    return {name: torch.Size([config.moe.num_experts]) for name in names if name in state}
+
+
+def split_expert_bias(state: dict) -> tuple[dict, dict]:
+    """(the weights, the expert biases) of a training state under our names."""
+    names = [name for name in state if name.endswith(f".mlp.{EXPERT_BIAS}")]
+    return state, {name: state.pop(name).float() for name in names}
+
+
 def _to_our_names(raw: dict[str, torch.Tensor], config: ModelConfig, where: Path) -> dict[str, torch.Tensor]:
     """AutoEP's names back to ours (the map is `ds_adapter.autoep_to_ours`), checked against the config."""
     state = autoep_to_ours(raw, where)
-    shapes = expected_shapes(config)
+    shapes = {**expected_shapes(config), **expert_bias_shapes(config, state)}
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing = sorted(set(shapes) - set(state))
@@ -424,9 +457,64 @@ def export(source: Source, out: Path, dtype: torch.dtype, max_shard_bytes: int) 
     return arch, files
 
 
-def our_model(source: Source):
-    """Our `CausalLM` (fp32) holding the source's weights: the reference an export must reproduce."""
-    return build_model(source.config, source.reader, torch.float32, "cpu", where=source.description)
+def our_model(source: Source, expert_bias: bool = True):
+    """Our `CausalLM` (fp32) holding the source's weights: the reference an export must reproduce. With
+    `expert_bias`, its MoE blocks route with the run's expert bias (if any), exactly as in training."""
+    model = build_model(source.config, source.reader, torch.float32, "cpu", where=source.description)
+    for name, bias_N in source.expert_bias.items() if expert_bias else ():
+        model.get_submodule(name.removesuffix(f".{EXPERT_BIAS}")).set_expert_bias(bias_N)
+    return model
+
+
+def check_expert_bias(source: Source, drop: bool) -> list[str]:
+    """Refuse a non-zero expert bias unless `--drop-expert-bias`; with it, measure what dropping changes
+    and forget the bias (the export and `--verify` then stand for the model without it). Lines to print.
+
+    No stock class computes our routing with a selection-only bias: Mixtral/Qwen2MoE/Qwen3MoE have none,
+    DeepseekV3/Glm4Moe add theirs to sigmoid scores, Ernie4.5-MoE's correction bias comes with weights
+    renormalised over the K experts. An all-zero bias selects as no bias does (up to exact ties in the
+    probabilities, which the stock classes resolve alike) and is dropped silently.
+    """
+    if not any(bool(b.any()) for b in source.expert_bias.values()):
+        source.expert_bias = {}
+        return []
+    if not drop:
+        spread = max(float(b.max() - b.min()) for b in source.expert_bias.values())
+        raise UserError(
+            f"{source.description} was trained with moe.balance bias: its MoE layers select experts with a "
+            f"bias (largest spread {spread:.3g}) that no stock transformers class represents. Pass "
+            "--drop-expert-bias to export without it (the change it makes is measured and printed)"
+        )
+    max_diff, changed, slots = bias_change(source)
+    source.expert_bias = {}
+    return [
+        f"--drop-expert-bias: without the expert bias, max |logit diff| {max_diff:.3e} on 128 random tokens; "
+        f"{changed} of {slots} token-expert selections change ({100 * changed / max(slots, 1):.2f}%)"
+    ]
+
+
+def bias_change(source: Source, n_tokens: int = 128, seed: int = 0) -> tuple[float, int, int]:
+    """(max |logit diff| of our model with and without the expert bias, token-expert selections the bias
+    changes, all selections) on `n_tokens` random tokens. Selections are compared layer by layer on the
+    same router logits (those of the biased model), so downstream drift is not counted twice."""
+    from pipeline.moe import route
+
+    ids = torch.randint(
+        0, source.config.vocab_size, (2, n_tokens // 2), generator=torch.Generator().manual_seed(seed)
+    )
+    with_bias, without = our_model(source), our_model(source, expert_bias=False)
+    with torch.no_grad():
+        max_diff = float((with_bias(ids) - without(ids)).abs().max())
+    changed = slots = 0
+    for _, block in with_bias.moe_blocks():
+        logits_TN, bias_N = block.last_router_logits_TN, block.expert_bias
+        chosen = [
+            route(logits_TN, block.top_k, block.routing, b)[1] for b in (bias_N, torch.zeros_like(bias_N))
+        ]
+        onehot = [torch.zeros_like(logits_TN).scatter_(1, experts_TK, 1.0) for experts_TK in chosen]
+        changed += int((onehot[0] != onehot[1]).sum()) // 2
+        slots += chosen[0].numel()
+    return max_diff, changed, slots
 
 
 def compare_logits(source: Source, out: Path, n_tokens: int = 128, seed: int = 0) -> float:
@@ -449,6 +537,8 @@ def run_cli(args: argparse.Namespace) -> int:
         raise UserError(f"--out {out} exists and is not empty; choose another directory or pass --force")
     source = open_source(args.checkpoint, args.model)
     choose_target(source.config)  # refuse before writing anything
+    for line in check_expert_bias(source, args.drop_expert_bias):
+        print(line)
     dtype = resolve_dtype(args.dtype, source.config)
     arch, files = export(source, out, dtype, int(args.max_shard_size * 2**30))
     print(f"exported {source.description} as {arch} ({dtype_name(dtype)}) to {out}: {files}")

@@ -13,7 +13,9 @@ parallelism, ZeRO and the per-expert checkpoint files are DeepSpeed's own; only 
 layer (and of its experts) changes, by switching the instance's class to a subclass. The math is the
 same: one gather into expert order, the experts on unpadded groups (unbound weights on the loop path,
 `torch._grouped_mm` on GPU), one gather back, and the same fp32 weighted sum over the K slots. The
-permutation gathers have gather backwards, not scatter-adds.
+permutation gathers have gather backwards, not scatter-adds. The router call is the stock one, including
+the layer's `expert_bias` (moe.balance bias, docs/design.md §3: `install_expert_bias` registers it), which
+it adds to the probabilities for the top-K choice only.
 Layers using features this path does not cover (DeepEP, AutoTP folding, scores applied before the
 experts, fused combine kernels, shared experts, Triton grouped GEMM) keep the stock forward.
 

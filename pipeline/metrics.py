@@ -20,15 +20,34 @@ TRAIN_KEYS = ("loss", "lm_loss", "aux_loss", "z_loss", "lr", "grad_norm")  # tra
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "GH200": 989.0}
 
 
-def expert_load(logits_TN: torch.Tensor, top_k: int, routing: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(tokens per expert [N] float, summed router entropy over tokens) for one layer's logits."""
+def expert_load(
+    logits_TN: torch.Tensor, top_k: int, routing: str, bias_N: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens per expert [N] float, summed router entropy over tokens) for one layer's logits; `bias_N`:
+    the layer's expert bias (moe.balance bias), so the counts are those of the forward's selection."""
     from pipeline.moe import route
 
     probs_TN = F.softmax(logits_TN.detach().float(), dim=-1)
-    _, experts_TK = route(logits_TN.detach(), top_k, routing)
+    _, experts_TK = route(logits_TN.detach(), top_k, routing, bias_N)
     counts_N = torch.bincount(experts_TK.flatten(), minlength=logits_TN.shape[-1]).float()
     entropy_sum = -(probs_TN * probs_TN.clamp_min(1e-20).log()).sum()
     return counts_N, entropy_sum
+
+
+def standard_error(values: torch.Tensor) -> float:
+    """Standard error of the mean of independent samples (e.g. per-window validation losses)."""
+    n = values.numel()
+    return float(values.double().std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+
+
+def bias_summary(bias_LN: torch.Tensor | None) -> dict[str, list[float]]:
+    """train_log.jsonl fields for the expert bias (moe.balance bias): per MoE layer, its min and max."""
+    if bias_LN is None:
+        return {}
+    return {
+        "expert_bias_min": bias_LN.min(dim=1).values.tolist(),
+        "expert_bias_max": bias_LN.max(dim=1).values.tolist(),
+    }
 
 
 def load_summary(counts_N: torch.Tensor) -> dict[str, float]:
@@ -149,7 +168,8 @@ class RunLog:
             f"aux {stats['aux_loss']:.4f} | lr {stats['lr']:.2e} | grad norm {stats['grad_norm']:.3f} | "
             f"{tokens_per_s:,.0f} tok/s | {tflops:.3g} TFLOP/s | MFU {mfu} | mem {memory_gib:.1f} GiB"
         )
-        self._append_jsonl("train_log.jsonl", {"step": step, **{k: stats[k] for k in TRAIN_KEYS}})
+        row = {"step": step, **{k: stats[k] for k in TRAIN_KEYS}, **bias_summary(stats.get("expert_bias"))}
+        self._append_jsonl("train_log.jsonl", row)
         if not self.writer:
             return
         for key in TRAIN_KEYS:
@@ -158,6 +178,19 @@ class RunLog:
         self.writer.add_scalar("perf/tflops_per_device", tflops, step)
         if "expert_counts" in stats:
             self._moe_step(step, stats["expert_counts"], stats["router_entropy"])
+        if "expert_bias" in stats:
+            self._bias_step(step, stats["expert_bias"])
+
+    def _bias_step(self, step: int, bias_LN: torch.Tensor) -> None:
+        """moe.balance bias: each layer's expert bias (min, max, spread and the whole vector)."""
+        for row, layer in enumerate(self.config.moe.layers):
+            bias_N = bias_LN[row]
+            self.writer.add_scalar(f"moe/layer{layer:02d}/expert_bias_min", float(bias_N.min()), step)
+            self.writer.add_scalar(f"moe/layer{layer:02d}/expert_bias_max", float(bias_N.max()), step)
+            self.writer.add_scalar(
+                f"moe/layer{layer:02d}/expert_bias_spread", float(bias_N.max() - bias_N.min()), step
+            )
+            self.writer.add_histogram(f"moe/layer{layer:02d}/expert_bias", bias_N, step)
 
     def _moe_step(self, step: int, counts_LN: torch.Tensor, entropy_L: list[float]) -> None:
         shares = []
@@ -170,13 +203,15 @@ class RunLog:
             shares.append(share.tolist())
         self.load_history.append((step, shares))
 
-    def validation(self, step: int, val_loss: float) -> None:
+    def validation(self, step: int, val_loss: float, standard_error: float = float("nan")) -> None:
         perplexity = math.exp(min(val_loss, 50))
-        self.log(f"step {step:>6} | val loss {val_loss:.4f} | val ppl {perplexity:.2f}")
+        se = f" +- {standard_error:.4f}" if math.isfinite(standard_error) else ""
+        self.log(f"step {step:>6} | val loss {val_loss:.4f}{se} | val ppl {perplexity:.2f}")
         if self.writer:
             self.writer.add_scalar("val/loss", val_loss, step)
             self.writer.add_scalar("val/perplexity", perplexity, step)
-        self._append_jsonl("val_loss.jsonl", {"step": step, "val_loss": val_loss})
+        row = {"step": step, "val_loss": val_loss, "val_loss_se": standard_error}
+        self._append_jsonl("val_loss.jsonl", row)
 
     def close(self, step: int) -> None:
         if self.rank == 0 and self.load_history:

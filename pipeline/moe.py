@@ -19,9 +19,17 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def route(logits_TN: torch.Tensor, top_k: int, routing: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (weights_TK fp32, experts_TK int64) for router logits of any dtype."""
+def route(
+    logits_TN: torch.Tensor, top_k: int, routing: str, bias_N: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (weights_TK fp32, experts_TK int64) for router logits of any dtype.
+
+    `bias_N` (`moe.balance: bias`, docs/design.md §3): an expert bias added to the probabilities for the
+    top-K choice only; the weights stay the unbiased probabilities.
+    """
     logits_TN = logits_TN.float()
+    if bias_N is not None:
+        return route_biased(logits_TN, top_k, routing, bias_N)
     if routing == "softmax-topk":
         # Select on the logits, weight with the probabilities: the same experts as top-K of the softmax
         # (it is monotonic), except where two logits ~1e-8 apart round to one fp32 probability. At step 0
@@ -33,6 +41,23 @@ def route(logits_TN: torch.Tensor, top_k: int, routing: str) -> tuple[torch.Tens
         top_logits_TK, experts_TK = logits_TN.topk(top_k, dim=-1)
         return F.softmax(top_logits_TK, dim=-1), experts_TK
     raise ValueError(f"unknown routing {routing!r}")
+
+
+def route_biased(
+    logits_TN: torch.Tensor, top_k: int, routing: str, bias_N: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`route` with an expert bias, as DeepSpeed AutoEP's router computes it (`deepspeed.moe.ep_router`):
+    top-K (unsorted) of `softmax(logits) + bias`, weights gathered from the unbiased softmax, renormalised
+    for topk-softmax. The same expressions in the same order, so our block, the trainer's capture and the
+    engine's forward pick the same experts and the same weights."""
+    if routing not in ("softmax-topk", "topk-softmax"):
+        raise ValueError(f"unknown routing {routing!r}")
+    probs_TN = F.softmax(logits_TN.float(), dim=-1)
+    experts_TK = torch.topk(probs_TN + bias_N.float(), k=top_k, dim=-1, sorted=False).indices
+    weights_TK = probs_TN.gather(dim=1, index=experts_TK)
+    if routing == "topk-softmax":
+        weights_TK = weights_TK / (weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights_TK, experts_TK
 
 
 def load_balancing_loss(logits_TN: torch.Tensor, experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -164,6 +189,10 @@ class MoEBlock(nn.Module):
 
     After each forward, `last_router_logits_TN` and `last_tokens_per_expert_N` hold this step's router
     logits (for the auxiliary losses) and expert loads (for metrics).
+
+    `expert_bias` [N] fp32: the selection bias of a model trained with `moe.balance: bias` (set with
+    `set_expert_bias`, docs/design.md §3); None otherwise, and then not part of the state dict, so the
+    checkpoints of `upcycle convert` and every existing load keep their names.
     """
 
     def __init__(
@@ -181,6 +210,15 @@ class MoEBlock(nn.Module):
         self.experts = Experts(num_experts, hidden_size, intermediate_size, bias=bias)
         self.last_router_logits_TN: torch.Tensor | None = None
         self.last_tokens_per_expert_N: torch.Tensor | None = None
+        self.register_buffer("expert_bias", None, persistent=True)
+
+    def set_expert_bias(self, bias_N: torch.Tensor | None) -> None:
+        """Route with this selection bias from now on (None: without one, today's routing)."""
+        if bias_N is not None and tuple(bias_N.shape) != (self.num_experts,):
+            raise ValueError(f"expert bias of shape {list(bias_N.shape)}, expected [{self.num_experts}]")
+        self.expert_bias = (
+            None if bias_N is None else bias_N.detach().to(self.gate.weight.device, torch.float32).clone()
+        )
 
     def forward(self, x_BTH: torch.Tensor) -> torch.Tensor:
         B, T, H = x_BTH.shape
@@ -188,7 +226,7 @@ class MoEBlock(nn.Module):
         # Router in fp32 even for bf16 weights: at step 0 the virtual groups' logits differ by ~1e-3, and
         # bf16 rounding could make two copies tie and top-K then split a group.
         logits_TN = F.linear(x_TH.float(), self.gate.weight.float())
-        weights_TK, experts_TK = route(logits_TN, self.top_k, self.routing)
+        weights_TK, experts_TK = route(logits_TN, self.top_k, self.routing, self.expert_bias)
 
         # Sort the T*K (token, expert) slots by expert so each expert sees one contiguous block.
         experts_S = experts_TK.flatten()

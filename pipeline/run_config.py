@@ -8,6 +8,7 @@ any process group starts and names the key to change.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, get_args, get_origin, get_type_hints
@@ -27,7 +28,10 @@ class ModelSection:
 class DataSection:
     path: list[str] = field(default_factory=list)  # prepared directories (`upcycle prep tokenize`)
     weights: list[float] | None = None  # blend weights, one per path
-    eval_batches: int = 4  # validation batches (of global_batch sequences) per evaluation
+    eval_batches: int = 4  # validation batches (of global_batch windows) per evaluation; 0: every full batch
+    # Order of the validation windows. Separate from train.seed on purpose: runs that differ in their training
+    # seed are then scored on the same text, so their losses can be compared window for window.
+    eval_seed: int = 0
 
 
 @dataclass
@@ -48,11 +52,28 @@ class TrainSection:
     seed: int = 1234
 
 
+# Over which tokens the load-balancing loss counts expert frequencies f_i (docs/design.md §3): each
+# micro-batch of each rank, or the whole global batch of the step. Issue 15 wants "global" as the default
+# once the experiments prove it: flip it here.
+AUX_LOSS_SCOPES = ("micro", "global")
+DEFAULT_AUX_LOSS_SCOPE = "micro"
+
+
 @dataclass
 class MoESection:
     aux_loss_coef: float = 1e-2  # Switch load-balancing loss; 0 lets experts die
+    aux_loss_scope: str = DEFAULT_AUX_LOSS_SCOPE  # micro | global: the batch f_i is counted over
     z_loss_coef: float = 0.0  # router z-loss
     fast_path: bool = True  # pipeline/fast_ep.py forward for AutoEP layers; false keeps DeepSpeed's stock one
+    # Load balancing (docs/design.md §3): aux = the load-balancing loss; bias = an expert bias on the top-K
+    # choice, updated after every step, and no aux loss in the loss (still logged); aux+bias = both.
+    balance: str = "aux"
+    bias_update_rate: float = 1e-3  # b += rate * sign(mean load - load) per optimizer step
+
+    @property
+    def aux_weight(self) -> float:
+        """The load-balancing loss's weight in the loss: aux_loss_coef, 0 with balance bias."""
+        return 0.0 if self.balance == "bias" else self.aux_loss_coef
 
 
 @dataclass
@@ -206,6 +227,8 @@ def validate(cfg: RunConfig, world_size: int, cuda: bool) -> None:
             f"train.global_batch={t.global_batch} is not a multiple of train.micro_batch "
             f"({t.micro_batch}) x world size ({world_size})"
         )
+    if cfg.data.eval_batches < 0:
+        problems.append(f"data.eval_batches={cfg.data.eval_batches}: must be >= 0 (0: every full batch)")
     if p.ep_size >= 1 and world_size % p.ep_size:
         problems.append(f"parallel.ep_size={p.ep_size} does not divide the world size {world_size}")
     if p.zero_stage not in (1, 2, 3):
@@ -224,8 +247,28 @@ def validate(cfg: RunConfig, world_size: int, cuda: bool) -> None:
         )
     if t.min_lr > t.lr:
         problems.append(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}")
+    if cfg.moe.aux_loss_scope not in AUX_LOSS_SCOPES:
+        problems.append(f"moe.aux_loss_scope={cfg.moe.aux_loss_scope!r}: must be micro or global")
+    problems += balance_problems(cfg.moe)
     if problems:
         raise UserError("invalid run config:\n  - " + "\n  - ".join(problems))
+
+
+BALANCE_MODES = ("aux", "bias", "aux+bias")
+
+
+def balance_problems(moe: MoESection) -> list[str]:
+    """moe.balance and moe.bias_update_rate, each message naming its key."""
+    problems = []
+    if moe.balance not in BALANCE_MODES:
+        problems.append(f"moe.balance={moe.balance!r}: must be one of {', '.join(BALANCE_MODES)}")
+    rate = moe.bias_update_rate
+    if not (math.isfinite(rate) and 0 < rate < 1):
+        problems.append(
+            f"moe.bias_update_rate={rate}: must be a number in (0, 1) (the bias step per optimizer step on "
+            "the router probabilities; 1e-3 is the usual choice)"
+        )
+    return problems
 
 
 def validate_against_model(cfg: RunConfig, num_experts: int | None) -> None:

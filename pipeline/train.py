@@ -12,6 +12,7 @@ Running the same command again with the same `output.dir` resumes from the lates
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -22,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data_prep.fileio import write_atomically
 from pipeline import checkpointing, ds_adapter, metrics, universal_checkpoint
 from pipeline.config import ModelConfig
 from pipeline.errors import UserError
@@ -29,6 +31,7 @@ from pipeline.preflight import prepare
 from pipeline.run_config import RunConfig
 
 LOSS_PARTS = ("loss", "lm_loss", "aux_loss", "z_loss")
+VAL_WINDOWS_FILE = "val_window_losses.json"  # the last evaluation, window by window (launch/report.py)
 
 
 def lr_multiplier(step: int, cfg: RunConfig) -> float:
@@ -63,12 +66,16 @@ class Trainer:
         self.engine, self.scheduler = ds_adapter.initialize_engine(
             model, cfg, model_config, lambda s: lr_multiplier(s, cfg), load_universal=self.universal
         )
-        self.capture = ds_adapter.attach_router_capture(self.engine, model_config)
+        self.capture = ds_adapter.attach_router_capture(self.engine, model_config, cfg.moe.aux_loss_scope)
         if self.capture and cfg.moe.fast_path:
             for line in ds_adapter.install_fast_path(self.engine):
                 self.log.log(line)
+        for line in ds_adapter.install_expert_bias(self.engine, self.capture, cfg):  # moe.balance bias
+            self.log.log(line)
         self.train_data = PackedTokenDataset(cfg.data.path, "train", t.seq_len, t.seed, cfg.data.weights)
-        self.valid_data = PackedTokenDataset(cfg.data.path, "valid", t.seq_len, t.seed, cfg.data.weights)
+        self.valid_data = PackedTokenDataset(
+            cfg.data.path, "valid", t.seq_len, cfg.data.eval_seed, cfg.data.weights
+        )
         self.batches = DistributedBatches(self.train_data, t.global_batch, self.rank, self.world)
         self.step = 0
         self.stop_requested = False
@@ -104,6 +111,8 @@ class Trainer:
         batch = next(self.batches).to(self.device)  # [global_batch / world, seq_len + 1]
         micro_batches = batch.split(self.cfg.train.micro_batch)
         lr = self.scheduler.get_last_lr()[0]  # the learning rate this step uses
+        if self.capture:
+            self.capture.begin_step()
         totals = torch.zeros(len(LOSS_PARTS), dtype=torch.float64)
         counts_LN, entropy_L = None, None
         for tokens in micro_batches:
@@ -117,10 +126,12 @@ class Trainer:
                 entropy_L = entropy if entropy_L is None else entropy_L + entropy
         dist.all_reduce(totals)  # a NaN or inf on any rank reaches every rank: all of them stop together
         stats = dict(zip(LOSS_PARTS, (totals / self.world).tolist(), strict=True))
+        self._log_step_aux(stats)
         if counts_LN is not None:
             dist.all_reduce(counts_LN)
             dist.all_reduce(entropy_L)
             stats["expert_counts"] = counts_LN
+            stats.update(self.capture.update_expert_bias(counts_LN))  # moe.balance bias: once per step
             tokens_seen = self.cfg.train.global_batch * self.cfg.train.seq_len
             stats["router_entropy"] = (entropy_L / tokens_seen).tolist()
         grad_norm = self.engine.get_global_grad_norm()
@@ -128,6 +139,16 @@ class Trainer:
         stats["lr"] = lr
         self._stop_if_not_finite(stats, grad_norm_reported=grad_norm is not None)
         return stats
+
+    def _log_step_aux(self, stats: dict) -> None:
+        """moe.aux_loss_scope=global: log the step's aux loss over its whole global batch, and the loss
+        with it, not the mean of the micro-batches' (docs/design.md §3). Collective: every rank calls it."""
+        step_aux = self.capture.step_aux() if self.capture else None
+        if step_aux is None:
+            return
+        moe = self.cfg.moe
+        stats["aux_loss"] = step_aux
+        stats["loss"] = stats["lm_loss"] + moe.aux_weight * step_aux + moe.z_loss_coef * stats["z_loss"]
 
     def forward_loss(self, tokens_BT1: torch.Tensor):
         """(loss to backpropagate, its parts as floats, per-layer (expert counts, router entropy) or None)."""
@@ -139,9 +160,10 @@ class Trainer:
         if not self.capture:
             return lm_loss, [lm_loss.item(), lm_loss.item(), 0.0, 0.0], None
         aux, z = self.capture.losses()
-        loss = lm_loss + self.cfg.moe.aux_loss_coef * aux + self.cfg.moe.z_loss_coef * z
+        loss = lm_loss + self.cfg.moe.aux_weight * aux + self.cfg.moe.z_loss_coef * z
         top_k, routing = self.capture.top_k, self.capture.routing
-        loads = [metrics.expert_load(lg, top_k, routing) for lg in self.capture.logits]
+        captured = zip(self.capture.logits, self.capture.biases, strict=True)  # biases: moe.balance bias
+        loads = [metrics.expert_load(lg, top_k, routing, b) for lg, b in captured]
         layer_loads = (torch.stack([c for c, _ in loads]), torch.stack([e for _, e in loads]))
         return loss, [loss.item(), lm_loss.item(), aux.item(), z.item()], layer_loads
 
@@ -163,27 +185,47 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean validation loss over data.eval_batches global batches, the same windows every time."""
+        """Mean validation loss over data.eval_batches global batches (0: every full batch), the same windows
+        every time and in every run whatever its train.seed (data.eval_seed orders them). Also logs the
+        standard error over windows and leaves the per-window losses in VAL_WINDOWS_FILE, so that two
+        runs can be compared window for window (a paired difference has a far smaller error)."""
         from data_prep.reader import DistributedBatches
 
         t = self.cfg.train
-        if len(self.valid_data) == 0:
-            self.log.log("no validation windows: skipping evaluation")
+        n_batches = self.cfg.data.eval_batches or len(self.valid_data) // t.global_batch
+        if n_batches == 0:
+            self.log.log("no full batch of validation windows: skipping evaluation")
             return float("nan")
         self.engine.eval()
         batches = DistributedBatches(self.valid_data, t.global_batch, self.rank, self.world)
-        total = torch.zeros(2, dtype=torch.float64)  # summed loss, tokens
-        for _ in range(self.cfg.data.eval_batches):
-            for tokens in next(batches).to(self.device).split(t.micro_batch):
-                logits_BTV = self.engine(tokens[:, :-1])
-                targets = tokens[:, 1:].reshape(-1)
-                loss = F.cross_entropy(logits_BTV.float().flatten(0, 1), targets, reduction="sum")
-                total += torch.tensor([loss.item(), targets.numel()], dtype=torch.float64)
-        dist.all_reduce(total)
+        local_W = torch.cat([self._window_losses(next(batches)) for _ in range(n_batches)])
         self.engine.train()
-        val_loss = float(total[0] / total[1])
-        self.log.validation(self.step, val_loss)
+        window_losses = self._in_sample_order(local_W, n_batches)
+        val_loss = float(window_losses.mean())
+        if self.rank == 0:
+            record = {"step": self.step, "eval_seed": self.cfg.data.eval_seed}
+            record["losses"] = window_losses.tolist()
+            write_atomically(os.path.join(self.cfg.output.dir, VAL_WINDOWS_FILE), json.dumps(record) + "\n")
+        self.log.validation(self.step, val_loss, metrics.standard_error(window_losses))
         return val_loss
+
+    def _window_losses(self, batch_BT1: torch.Tensor) -> torch.Tensor:
+        """Mean token loss of each window of this rank's share of one global batch, float64."""
+        losses = []
+        for tokens_BT1 in batch_BT1.to(self.device).split(self.cfg.train.micro_batch):
+            logits_BTV = self.engine(tokens_BT1[:, :-1])
+            per_token_BT = F.cross_entropy(
+                logits_BTV.float().transpose(1, 2), tokens_BT1[:, 1:], reduction="none"
+            )
+            losses.append(per_token_BT.double().mean(dim=1).cpu())
+        return torch.cat(losses)
+
+    def _in_sample_order(self, local_W: torch.Tensor, n_batches: int) -> torch.Tensor:
+        """Every rank's window losses, ordered as the global samples (batch, then rank, then row)."""
+        gathered = [torch.empty_like(local_W) for _ in range(self.world)]
+        dist.all_gather(gathered, local_W)
+        per_rank = local_W.numel() // n_batches
+        return torch.stack([g.view(n_batches, per_rank) for g in gathered], dim=1).flatten()
 
     # ---- checkpoints (docs/design.md §6) -------------------------------------------------------
     def _plan_resume(self) -> tuple[str | None, bool]:

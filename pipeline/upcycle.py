@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from pipeline.config import ROUTINGS, ModelConfig, MoEConfig, check_moe_shape
+from pipeline.config import ROUTINGS, ModelConfig, MoEConfig, check_drop_ratio, check_moe_shape
 from pipeline.errors import UserError
 
 
@@ -51,7 +51,12 @@ def parse_moe_layers(spec: str, num_layers: int) -> tuple[int, ...]:
 
 
 # The converter's flag for each MoEConfig field, so that its errors name what the user typed.
-FLAGS = {"num_experts": "--experts", "top_k": "--top-k", "granularity": "--granularity"}
+FLAGS = {
+    "num_experts": "--experts",
+    "top_k": "--top-k",
+    "granularity": "--granularity",
+    "drop_ratio": "--drop-ratio",
+}
 
 
 def make_moe_config(
@@ -65,6 +70,7 @@ def make_moe_config(
     router_init_std: float | None = None,
     seed: int = 0,
     weight_scaling: bool = True,
+    drop_ratio: float = 0.0,
 ) -> MoEConfig:
     """Validate an upcycling request against the dense config; every problem names its flag."""
     F_, N, K, G = config.intermediate_size, num_experts, top_k, granularity
@@ -78,6 +84,7 @@ def make_moe_config(
     if routing not in ROUTINGS:
         raise UserError(f"--routing {routing!r}: expected one of {ROUTINGS}")
     check_moe_shape(N, K, G, describe=lambda field, value: f"{FLAGS[field]} {value}")
+    check_drop_ratio(drop_ratio, describe=lambda field, value: f"{FLAGS[field]} {value}")
     if F_ % G:
         raise UserError(
             f"--granularity {G} does not divide the dense intermediate_size F={F_} (F % G must be 0)"
@@ -95,6 +102,7 @@ def make_moe_config(
         expert_scale=scale,
         router_init_std=router_init_std,
         seed=seed,
+        drop_ratio=drop_ratio,
     )
 
 
@@ -119,6 +127,10 @@ def virtual_group_router(moe: MoEConfig, hidden_size: int, layer: int) -> torch.
     return base_RH.repeat_interleave(moe.granularity, dim=0)
 
 
+# Offsets the drop generator's seed from the router's (`seed * 100003 + layer`), so the two streams differ.
+DROP_STREAM = 1 << 40
+
+
 def upcycle_mlp(
     moe: MoEConfig,
     gate_FH: torch.Tensor,
@@ -128,31 +140,85 @@ def upcycle_mlp(
     up_bias_F: torch.Tensor | None = None,
     down_bias_H: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
+    layer: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Expert tensors in `dtype` for one dense MLP, names relative to the MoE block's `experts`.
+    """Expert tensors in `dtype` for the dense MLP of decoder `layer`, named as in the block's `experts`.
 
     Shard s takes rows [s*I, (s+1)*I) of gate and up and the same columns of down. up and down are both
     multiplied by sqrt(c): SwiGLU is linear in each, so the product restores dense(x) exactly. The
-    scaling runs in fp32 on the G shards once; only then are they cast and replicated R times.
+    scaling runs in fp32 on the G shards once; only then are they cast and replicated R times. With
+    moe.drop_ratio > 0 every one of the N experts is built on its own first (`drop_neurons`), then scaled.
     """
-    G, R, I = moe.granularity, moe.expansion_rate, moe.expert_intermediate_size
+    G, I = moe.granularity, moe.expert_intermediate_size
     H = gate_FH.shape[1]
-    root_c = math.sqrt(moe.expert_scale)
-    gate_GIH = gate_FH.float().reshape(G, I, H).to(dtype)
-    up_GIH = (up_FH.float().reshape(G, I, H) * root_c).to(dtype)
-    down_GHI = (down_HF.float().reshape(H, G, I).permute(1, 0, 2) * root_c).to(dtype)
-    tensors = {
-        "gate_up_proj": torch.cat([gate_GIH, up_GIH], dim=1).repeat(R, 1, 1),  # [N, 2I, H], e = r*G + s
-        "down_proj": down_GHI.repeat(R, 1, 1),  # [N, H, I]
+    # fp32 shards, the neuron on dim 1 except for down ([G, H, I]); views, never written to.
+    shards = {
+        "gate": gate_FH.float().reshape(G, I, H),
+        "up": up_FH.float().reshape(G, I, H),
+        "down": down_HF.float().reshape(H, G, I).permute(1, 0, 2),
     }
     if gate_bias_F is not None:
-        up_bias_GI = up_bias_F.float().reshape(G, I) * root_c
-        tensors["gate_up_bias"] = torch.cat([gate_bias_F.float().reshape(G, I), up_bias_GI], dim=1).repeat(
-            R, 1
+        shards |= {"gate_bias": gate_bias_F.float().reshape(G, I), "up_bias": up_bias_F.float().reshape(G, I)}
+    if moe.drop_ratio > 0:
+        return _scaled_experts(
+            moe, drop_neurons(moe, shards, drop_generator(moe, layer)), 1, down_bias_H, dtype
         )
+    return _scaled_experts(moe, shards, moe.expansion_rate, down_bias_H, dtype)
+
+
+def _scaled_experts(moe: MoEConfig, parts: dict, copies: int, down_bias_H, dtype) -> dict[str, torch.Tensor]:
+    """Scale up and down by sqrt(c) in fp32, cast, and repeat `copies` times along the expert dim.
+
+    `parts` hold G shards (copies = R) or, after `drop_neurons`, all N experts (copies = 1).
+    """
+    root_c = math.sqrt(moe.expert_scale)
+    gate, up, down = (
+        parts["gate"].to(dtype),
+        (parts["up"] * root_c).to(dtype),
+        (parts["down"] * root_c).to(dtype),
+    )
+    tensors = {
+        "gate_up_proj": torch.cat([gate, up], dim=1).repeat(copies, 1, 1),  # [N, 2I, H], e = r*G + s
+        "down_proj": down.repeat(copies, 1, 1),  # [N, H, I]
+    }
+    if "gate_bias" in parts:
+        up_bias = parts["up_bias"] * root_c
+        tensors["gate_up_bias"] = torch.cat([parts["gate_bias"], up_bias], dim=1).repeat(copies, 1)
         # The dense output bias belongs once to the sum: K/G groups x G shards, each weighted ~1/c,
         # must add up to b, so every expert carries b * c / G.
         tensors["down_bias"] = (
-            (down_bias_H.float() * moe.expert_scale / G).expand(moe.num_experts, -1).clone()
+            (down_bias_H.float() * moe.expert_scale / moe.granularity).expand(moe.num_experts, -1).clone()
         )
     return {name: t.to(dtype) for name, t in tensors.items()}
+
+
+def drop_generator(moe: MoEConfig, layer: int) -> torch.Generator:
+    """A generator of its own, seeded per layer like the router, so Drop-Upcycling moves no other draw."""
+    return torch.Generator().manual_seed(moe.seed * 100_003 + layer + DROP_STREAM)
+
+
+def dropped_neurons(moe: MoEConfig, generator: torch.Generator) -> torch.Tensor:
+    """[N, I] bool: round(drop_ratio * I) neurons per expert, a random subset drawn for every expert."""
+    N, I = moe.num_experts, moe.expert_intermediate_size
+    order_NI = torch.rand(N, I, generator=generator).argsort(dim=1)
+    dropped_NI = torch.zeros(N, I, dtype=torch.bool)
+    return dropped_NI.scatter_(1, order_NI[:, : round(moe.drop_ratio * I)], True)
+
+
+def drop_neurons(moe: MoEConfig, shards: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Drop-Upcycling (Nakamura et al. 2025): the [G, ...] fp32 shards become [N, ...] experts, each with
+    its own round(drop_ratio * I) neurons re-drawn.
+
+    Expert e = r*G + s starts from shard s; a dropped neuron's gate row, up row, down column (and gate/up
+    bias entries) are drawn from N(mean, std^2) of the whole dense matrix (or bias) they belong to. They
+    are drawn unscaled: `_scaled_experts` then multiplies new and kept up/down neurons by sqrt(c) alike.
+    """
+    dropped_NI = dropped_neurons(moe, generator)
+    experts = {}
+    for name, shards_G in shards.items():
+        experts_N = shards_G.repeat(moe.expansion_rate, *[1] * (shards_G.dim() - 1))  # a copy we may write
+        neuron_first = experts_N.transpose(1, 2) if name == "down" else experts_N  # a view: [N, I, ...]
+        fresh = torch.randn(int(dropped_NI.sum()), *neuron_first.shape[2:], generator=generator)
+        neuron_first[dropped_NI] = fresh * shards_G.std() + shards_G.mean()
+        experts[name] = experts_N
+    return experts

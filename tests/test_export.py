@@ -154,16 +154,21 @@ def test_export_and_eval_of_training_checkpoints(train_workspace):
 
         # eval of the export over the trainer's validation windows = the trainer's own final val loss.
         val_loss = json.loads((workspace / run / "val_loss.jsonl").read_text().splitlines()[-1])["val_loss"]
-        result = evaluate(str(out), [str(workspace / "data")], seq_len=64, batch_size=8, batches=2, seed=1234)
+        result = evaluate(str(out), [str(workspace / "data")], seq_len=64, batch_size=8, batches=2, seed=0)
         assert result["loss"] == pytest.approx(val_loss, rel=1e-5)
         assert result["tokens"] == 2 * 8 * 64
+        # window for window, on data.eval_seed's windows (0 by default) although the run's train.seed is 1234
+        windows = json.loads((workspace / run / "val_window_losses.json").read_text())
+        assert windows["eval_seed"] == 0 and windows["losses"] == pytest.approx(
+            result["window_losses"], rel=1e-5
+        )
         assert sorted(result["layers"]) == ["0", "1"]
         for stats in result["layers"].values():
             assert sum(stats["share"]) == pytest.approx(1.0, abs=1e-4) and len(stats["share"]) == 8
         # The same numbers straight from the DeepSpeed checkpoint (our model) through the CLI.
         report = str(workspace / f"{run}.json")
         assert main(["eval", "--model", str(workspace / run), "--data", str(workspace / "data"),
-                     "--batches", "2", "--seed", "1234", "--json", report]) == 0  # fmt: skip
+                     "--batches", "2", "--seed", "0", "--json", report]) == 0  # fmt: skip
         direct = json.loads((workspace / f"{run}.json").read_text())
         assert direct["loss"] == pytest.approx(result["loss"], rel=1e-5)
         assert direct["layers"]["1"]["share"] == pytest.approx(result["layers"]["1"]["share"], abs=1e-6)

@@ -117,7 +117,7 @@ def reference(train_workspace):
         schedule.step()
         steps.append((step_loss, float(norm)))
 
-    valid = PackedTokenDataset(cfg.data.path, "valid", t.seq_len, t.seed, cfg.data.weights)
+    valid = PackedTokenDataset(cfg.data.path, "valid", t.seq_len, cfg.data.eval_seed, cfg.data.weights)
     batches = [DistributedBatches(valid, t.global_batch, rank, world) for rank in range(world)]
     total, count = 0.0, 0
     with torch.no_grad():

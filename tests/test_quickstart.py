@@ -38,9 +38,15 @@ def test_quickstart_tiny_writes_results(tmp_path):
     assert result["settings"]["size"] == "tiny"
     assert result["settings"]["nproc"] == 2
     assert (out / "val_curves.png").stat().st_size > 1000
-    assert (out / "results.md").read_text().count("| moe_") == 2
-    # one TensorBoard directory per run, and the exported dense model the MoE models came from
-    for run in ("pretrain_dense", "dense_continued", *names):
+    # the results table and the margins table (vs continued dense and vs the starting model) name each MoE
+    assert (out / "results.md").read_text().count("| moe_") == 4
+    for m in result["moe"]:
+        assert len(m["vs_dense"]["diffs"]) == len(m["vs_start"]["diffs"]) == 1  # one seed by default
+        assert m["vs_dense"]["diffs"][0] == pytest.approx(
+            m["val_loss"] - result["dense_continued"]["val_loss"]
+        )
+    # one TensorBoard directory per run (continued runs are per seed), and the exported dense model
+    for run in ("pretrain_dense", *(f"{name}-s1234" for name in ["dense_continued", *names])):
         assert list((out / "runs" / run / "tensorboard").iterdir()), run
     assert (out / "dense" / "model.safetensors").is_file()
 
