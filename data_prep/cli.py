@@ -67,6 +67,13 @@ def add_stages(prep: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="fail on the first bad record instead of skipping")
     p.add_argument("--overwrite", action="store_true", help="discard a previous run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--encoder",
+        default="auto",
+        choices=("auto", "hf", "fastokens"),
+        help="auto (default): fastokens when it is exact for this tokenizer and a sample of the "
+        "documents, else tokenizers; hf: always tokenizers; fastokens: require it (shards are identical)",
+    )
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("stats", help="summary and document-length histogram of a prepared directory")
@@ -122,8 +129,14 @@ def cmd_tokenize(args) -> int:
         strict=args.strict,
         overwrite=args.overwrite,
         progress=False if args.no_progress else None,
+        encoder=args.encoder,
     )
-    run_tokenize(cfg)
+    try:
+        run_tokenize(cfg)
+    except UserError as exc:
+        if getattr(exc, "quiet", False):
+            return 2  # under MPI every rank has it; rank 0 prints it (data_prep.mpi_prep)
+        raise
     return 0
 
 

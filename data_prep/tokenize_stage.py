@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from data_prep.encoders import SAMPLE_CHARS, make_encoder, select_encoder
 from data_prep.errors import UserError
 from data_prep.faults import fault_point
 from data_prep.fileio import write_atomically
@@ -70,20 +71,60 @@ class TokenizeConfig:
     strict: bool = False
     overwrite: bool = False
     progress: bool | None = None  # None: tqdm decides (bars on a terminal only)
+    encoder: str = "auto"  # data_prep.encoders.CHOICES; not a resume setting (the shards never differ)
 
 
 # ---------------------------------------------------------------------------------------------- workers
-_WORKER_TOKENIZER = None
+_WORKER_ENCODER_NAME = "hf"  # set in the main process by _choose_encoder; forked workers inherit it
+_WORKER_ENCODER = None
 
 
-def _init_worker(tokenizer_json: str) -> None:
-    """Load the tokenizer once per worker; one thread each, since the workers are the parallelism."""
-    global _WORKER_TOKENIZER
+def _choose_encoder(cfg: TokenizeConfig, files: list[InputFile], tok: TokenizerInfo) -> None:
+    """Pick the workers' encoder (data_prep.encoders: compatibility, then a sample of the run's first
+    documents encoded both ways) before anything is written; UserError for a bad --encoder."""
+    global _WORKER_ENCODER_NAME, _WORKER_ENCODER
+    texts, labels = _sample_documents(cfg, files) if cfg.encoder != "hf" else ([], [])
+    # no thread pool in the main process: the workers fork from it (see _mp_context)
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        chosen = select_encoder(tok.json_text, cfg.encoder, texts, labels)
+    finally:
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM")
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    if chosen.note:
+        _echo(chosen.note)
+    _WORKER_ENCODER_NAME = chosen.name
+    _WORKER_ENCODER = chosen.encoder  # loading a 32k tokenizer takes ~0.5 s; forked workers share this one
+
+
+def _sample_documents(cfg: TokenizeConfig, files: list[InputFile]) -> tuple[list[str], list[str]]:
+    """The first documents of the inputs, about SAMPLE_CHARS of text (the last one cut), and their
+    names; cutting is harmless since both encoders see the same text."""
+    reader = RecordReader(files, cfg.text_key, cfg.max_doc_chars, lambda reason, message: None)
+    texts, labels, left = [], [], SAMPLE_CHARS
+    for rec, fi, text, _ in reader.records(0):
+        if text is None:
+            continue
+        texts.append(text[:left])
+        labels.append(f"{files[fi].path} record {rec}")
+        left -= len(texts[-1])
+        if left <= 0:
+            break
+    return texts, labels
+
+
+def _init_worker(tokenizer_json: str, encoder: str | None = None) -> None:
+    """Load the encoder once per worker; one thread each, since the workers are the parallelism."""
+    global _WORKER_ENCODER
     _die_with_parent()
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from tokenizers import Tokenizer
-
-    _WORKER_TOKENIZER = Tokenizer.from_str(tokenizer_json)
+    name = encoder or _WORKER_ENCODER_NAME
+    inherited = _WORKER_ENCODER
+    if inherited is None or inherited.name != name or inherited.source != tokenizer_json:  # e.g. spawned
+        _WORKER_ENCODER = make_encoder(name, tokenizer_json)
 
 
 def _die_with_parent() -> None:
@@ -98,35 +139,38 @@ def _die_with_parent() -> None:
             pass
 
 
-def encode_chunk(tokenizer, texts: list[str], eod_id: int, dtype: str) -> tuple[np.ndarray, np.ndarray, list]:
+def encode_chunk(encoder, texts: list[str], eod_id: int, dtype: str) -> tuple[np.ndarray, np.ndarray, list]:
     """Tokenize texts; returns (all ids with EOD after each document, lengths incl. EOD, failed positions).
 
-    A text the tokenizer rejects is dropped and its position returned, so one bad document cannot
-    fail the whole chunk.
+    `encoder` is a data_prep.encoders encoder. A text it rejects is dropped and its position returned,
+    so one bad document cannot fail the whole chunk.
     """
     failed: list[int] = []
     try:
-        ids = [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        ids, counts = encoder.encode_flat(texts)
     except Exception:  # rare: retry one by one to isolate the culprit
-        ids = []
+        parts, part_counts = [np.empty(0, np.uint32)], [np.empty(0, np.int64)]
         for i, t in enumerate(texts):
             try:
-                ids.append(tokenizer.encode(t, add_special_tokens=False).ids)
+                x, c = encoder.encode_flat([t])
             except Exception:
                 failed.append(i)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    out = np.empty(int(lengths.sum()), dtype=dtype)
-    ends = np.cumsum(lengths)
-    out[ends - 1] = eod_id
-    off = 0
-    for x, end in zip(ids, ends, strict=True):
-        out[off : end - 1] = x
-        off = int(end)
+                continue
+            parts.append(x)
+            part_counts.append(c)
+        ids, counts = np.concatenate(parts), np.concatenate(part_counts)
+    lengths = counts + 1
+    out = np.empty(len(ids) + len(counts), dtype=dtype)
+    eod_at = np.cumsum(lengths) - 1
+    out[eod_at] = eod_id
+    is_token = np.ones(len(out), bool)
+    is_token[eod_at] = False
+    out[is_token] = ids
     return out, lengths, failed
 
 
 def _encode_task(texts: list[str], eod_id: int, dtype: str):
-    return encode_chunk(_WORKER_TOKENIZER, texts, eod_id, dtype)
+    return encode_chunk(_WORKER_ENCODER, texts, eod_id, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- pieces
@@ -262,15 +306,27 @@ class _Run:
             _echo(f"warning: further '{reason}' warnings are not shown (all are counted in the manifest)")
 
     # -- steps
+    def step_number(self) -> int:
+        """The number of the open step (its shards' NNNNN); data_prep.mpi_prep's writer overrides it."""
+        return len(self.state["steps"])
+
     def _shard(self, split: str) -> ShardFile:
         if split not in self.open:
-            prefix = os.path.join(self.cfg.out, f"{split}_{len(self.state['steps']):05d}")
+            prefix = os.path.join(self.cfg.out, f"{split}_{self.step_number():05d}")
             self.open[split] = ShardFile(prefix, self.dtype)
         return self.open[split]
 
     def close_step(self, end_record: int) -> None:
         """Publish the open shards and record the step (with counters up to end_record) in the state."""
         step = len(self.state["steps"])
+        shards = self.publish_step(step)
+        self.state["steps"].append({"end_record": end_record, "shards": shards})
+        self.state["counters"] = self.counters.table.tolist()
+        self._save_state()
+        fault_point("prep.after_state", step)
+
+    def publish_step(self, step: int) -> dict:
+        """Seal and rename the open shards (fault points around the rename); returns their records."""
         open_shards = [(split, self.open[split]) for split in SPLITS if split in self.open]
         shards = {split: shard.seal() for split, shard in open_shards}
         fault_point("prep.before_rename", step)
@@ -279,10 +335,7 @@ class _Run:
         fault_point("prep.after_rename", step)
         self.open = {}
         self.step_tokens = 0
-        self.state["steps"].append({"end_record": end_record, "shards": shards})
-        self.state["counters"] = self.counters.table.tolist()
-        self._save_state()
-        fault_point("prep.after_state", step)
+        return shards
 
     def _save_state(self) -> None:
         now = time.perf_counter()
@@ -293,21 +346,7 @@ class _Run:
     # -- consuming tokenized chunks
     def consume(self, chunk: Chunk, tokens: np.ndarray, lengths: np.ndarray, failed: list[int]) -> None:
         """Route a tokenized chunk's documents to the splits, closing steps at document boundaries."""
-        doc_rec = np.asarray(chunk.doc_rec, dtype=np.int64)
-        doc_file = np.asarray(chunk.doc_file, dtype=np.int64)
-        bad = list(chunk.bad)
-        if failed:
-            keep = np.ones(len(doc_rec), bool)
-            keep[failed] = False
-            for i in failed:
-                self.warn(
-                    "invalid_utf8",
-                    f"{self.files[doc_file[i]].path}: record {doc_rec[i]}: "
-                    "the tokenizer rejected the text; skipped",
-                )
-                bad.append((int(doc_rec[i]), int(doc_file[i]), "invalid_utf8"))
-            doc_rec, doc_file = doc_rec[keep], doc_file[keep]
-        bad.sort()
+        doc_rec, doc_file, bad = self.documents(chunk, failed)
         is_valid = split_is_valid(self.cfg.seed, doc_rec, self.cfg.valid_fraction)
         starts = np.concatenate([[0], np.cumsum(lengths)])
         lo = 0
@@ -326,6 +365,26 @@ class _Run:
                 self.close_step(end)
             lo = hi
         self.counters.add_bad(bad)
+
+    def documents(self, chunk: Chunk, failed: list[int]) -> tuple[np.ndarray, np.ndarray, list]:
+        """The chunk's tokenized documents (record, file index) and its skipped records, sorted, with the
+        texts the tokenizer rejected (`failed` positions) moved from the first to the second."""
+        doc_rec = np.asarray(chunk.doc_rec, dtype=np.int64)
+        doc_file = np.asarray(chunk.doc_file, dtype=np.int64)
+        bad = list(chunk.bad)
+        if failed:
+            keep = np.ones(len(doc_rec), bool)
+            keep[failed] = False
+            for i in failed:
+                self.warn(
+                    "invalid_utf8",
+                    f"{self.files[doc_file[i]].path}: record {doc_rec[i]}: "
+                    "the tokenizer rejected the text; skipped",
+                )
+                bad.append((int(doc_rec[i]), int(doc_file[i]), "invalid_utf8"))
+            doc_rec, doc_file = doc_rec[keep], doc_file[keep]
+        bad.sort()
+        return doc_rec, doc_file, bad
 
     def _write_docs(self, tokens, starts, lo: int, hi: int, is_valid: np.ndarray) -> None:
         seg_lengths = starts[lo + 1 : hi + 1] - starts[lo:hi]
@@ -395,7 +454,33 @@ def _load_or_start_state(cfg: TokenizeConfig, settings: dict) -> dict | None:
 
 
 def run_tokenize(cfg: TokenizeConfig) -> Manifest:
-    """Run (or resume) the stage; returns the manifest, which is also written to OUT/manifest.json."""
+    """Run (or resume) the stage; returns the manifest, which is also written to OUT/manifest.json.
+
+    Under `mpirun`/`srun` with more than one rank the ranks share the work (data_prep.mpi_prep)."""
+    from data_prep.mpi_prep import mpi_world, run_tokenize_mpi
+
+    comm = mpi_world()
+    if comm is not None:
+        return run_tokenize_mpi(cfg, comm)
+    files, tok, dtype, state, t0 = _prepare(cfg)
+    if state is None:
+        _echo(f"{cfg.out}: already complete ({MANIFEST_FILE}); nothing to do")
+        return read_manifest(cfg.out)
+    run = _Run(cfg, files, tok, dtype, state)
+    run.t_mark = t0
+    start = state["steps"][-1]["end_record"] if state["steps"] else 0
+    if start:
+        _echo(f"resuming {cfg.out} at record {start} ({len(state['steps'])} steps already written)")
+    total_records = _tokenize_records(run, start)
+    if run.open or total_records > start or not state["steps"]:
+        run.close_step(total_records)  # the last, partial step (also saves the final counters)
+    return _finish(run)
+
+
+def _prepare(cfg: TokenizeConfig) -> tuple:
+    """Check the arguments, read the inputs' fingerprints and the tokenizer, load or start the state:
+    (files, tokenizer, dtype, state or None when already complete, start time). Writes nothing but the
+    output directory before every check has passed."""
     if not 0.0 <= cfg.valid_fraction <= 1.0:
         raise UserError(f"--valid-fraction {cfg.valid_fraction}: must be between 0 and 1")
     if cfg.workers < 1:
@@ -409,33 +494,26 @@ def run_tokenize(cfg: TokenizeConfig) -> Manifest:
     fingerprint(files)
     if all(f.error for f in files):
         raise UserError("no input file can be read: " + "; ".join(f"{f.path}: {f.error}" for f in files))
+    _choose_encoder(cfg, files, tok)
     os.makedirs(cfg.out, exist_ok=True)
     state = _load_or_start_state(cfg, _settings(cfg, files, tok, dtype))
-    if state is None:
-        _echo(f"{cfg.out}: already complete ({MANIFEST_FILE}); nothing to do")
-        return read_manifest(cfg.out)
-    for name in os.listdir(cfg.out):
-        if name.endswith(".tmp"):  # leftovers of a killed run
-            os.remove(os.path.join(cfg.out, name))
-    run = _Run(cfg, files, tok, dtype, state)
-    run.t_mark = t0
-    start = state["steps"][-1]["end_record"] if state["steps"] else 0
-    if start:
-        _echo(f"resuming {cfg.out} at record {start} ({len(state['steps'])} steps already written)")
-    total_records = _tokenize_records(run, start)
-    if run.open or total_records > start or not state["steps"]:
-        run.close_step(total_records)  # the last, partial step (also saves the final counters)
-    return _finish(run)
+    if state is not None:
+        for name in os.listdir(cfg.out):
+            if name.endswith(".tmp"):  # leftovers of a killed run
+                os.remove(os.path.join(cfg.out, name))
+    return files, tok, dtype, state, t0
 
 
-def _tokenize_records(run: _Run, start: int) -> int:
-    """Feed chunks to the workers with a bounded queue and consume the results in order."""
+def _tokenize_records(run: _Run, start: int, reader=None, bar=None) -> int:
+    """Feed chunks to the workers with a bounded queue and consume the results in order.
+
+    data_prep.mpi_prep passes a reader of one rank's record range and a progress bar over all ranks."""
     from tqdm import tqdm
 
     cfg = run.cfg
-    reader = RecordReader(run.files, cfg.text_key, cfg.max_doc_chars, run.warn)
+    reader = reader or RecordReader(run.files, cfg.text_key, cfg.max_doc_chars, run.warn)
     total_bytes = sum(f.size or 0 for f in run.files)
-    bar = tqdm(
+    bar = bar or tqdm(
         total=total_bytes,
         unit="B",
         unit_scale=True,
