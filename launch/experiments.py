@@ -24,8 +24,9 @@ BASE_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
 SEEDS = ((1234, 0), (7, 1), (99, 2))
 EVAL_SEED = 0  # data.eval_seed of every run: the validation windows do not depend on the training seed
 # Continued-training learning rates: `reset` is the paper's (warmup to the pretraining peak, cosine to the
-# pretraining minimum), `constant_min` stays at the pretraining minimum (no warmup, no decay).
-LR_SCHEDULES = ("reset", "constant_min")
+# pretraining minimum), `constant_min` stays at the pretraining minimum (no warmup, no decay), `reset_mid`
+# warms up to the geometric mean of the two and decays to the minimum.
+LR_SCHEDULES = ("reset", "constant_min", "reset_mid")
 
 
 @dataclass
@@ -171,7 +172,7 @@ def quickstart_variants(size: Size) -> list[Variant]:
 
 def paper_variants(size: Size) -> list[Variant]:
     n, k, g = size.fine
-    other_lr = next(lr for lr in LR_SCHEDULES if lr != size.continue_lr)
+    other_lrs = [lr for lr in LR_SCHEDULES if lr != size.continue_lr]
     return [
         *quickstart_variants(size),
         Variant("moe_E8T2_topk_softmax", experts=8, top_k=2, routing="topk-softmax"),
@@ -179,8 +180,9 @@ def paper_variants(size: Size) -> list[Variant]:
         Variant(
             f"moe_E{n}T{k}G{g}_no_virtual_groups", experts=n, top_k=k, granularity=g, virtual_groups=False
         ),
-        Variant(f"moe_E8T2_{other_lr}", experts=8, top_k=2, lr=other_lr),
-        Variant(f"dense_continued_{other_lr}", lr=other_lr),
+        *(Variant(f"moe_E8T2_{lr}", experts=8, top_k=2, lr=lr) for lr in other_lrs),
+        *(Variant(f"dense_continued_{lr}", lr=lr) for lr in other_lrs),
+        *(Variant(f"moe_E{n}T{k}G{g}_{lr}", experts=n, top_k=k, granularity=g, lr=lr) for lr in other_lrs),
         # Beyond the paper (docs/design.md §2, §3): each against moe_E8T2, the paper's recipe.
         Variant("moe_E8T2_drop0.25", experts=8, top_k=2, drop_ratio=0.25),
         Variant("moe_E8T2_drop0.5", experts=8, top_k=2, drop_ratio=0.5),
@@ -194,20 +196,15 @@ def paper_variants(size: Size) -> list[Variant]:
 def paper_comparisons(size: Size) -> list[tuple[str, str, str, str]]:
     n, k, g = size.fine
     fine = f"moe_E{n}T{k}G{g}"
-    other_lr = next(lr for lr in LR_SCHEDULES if lr != size.continue_lr)
     lr_rows = [
-        (
-            f"LR: {size.continue_lr} (recipe) vs {other_lr} (MoE)",
-            "moe_E8T2",
-            f"moe_E8T2_{other_lr}",
-            "reset better (the paper, up to 1T tokens)",
-        ),
-        (
-            f"LR: {size.continue_lr} (recipe) vs {other_lr} (dense)",
-            "dense_continued",
-            f"dense_continued_{other_lr}",
-            "(control: the schedule is not an MoE-only effect)",
-        ),
+        (f"LR: {size.continue_lr} (recipe) vs {lr} ({what})", a, f"{a}_{lr}", paper)
+        for lr in LR_SCHEDULES
+        if lr != size.continue_lr
+        for what, a, paper in (
+            ("MoE", "moe_E8T2", "reset better (the paper, up to 1T tokens)"),
+            ("fine-grained MoE", fine, ""),
+            ("dense", "dense_continued", "(control: the schedule is not an MoE-only effect)"),
+        )
     ]
     return [
         (

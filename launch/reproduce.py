@@ -371,6 +371,8 @@ class Pipeline:
         lr = s.continue_lr if variant.lr == "recipe" else variant.lr
         if lr == "reset":
             return s.lr, s.min_lr, s.continue_warmup, "cosine"
+        if lr == "reset_mid":
+            return math.sqrt(s.lr * s.min_lr), s.min_lr, s.continue_warmup, "cosine"
         return s.min_lr, s.min_lr, 0, "constant"
 
     def continued(self, variant: Variant, data_seed: int, model_seed: int) -> dict:
