@@ -18,7 +18,6 @@ import glob
 import gzip
 import json
 import os
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -121,27 +120,22 @@ def _open_binary(path: str):
     return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
-def check_text(text, max_doc_chars: int, maybe_surrogates: bool = True) -> str | None:
-    """Why a decoded value cannot be a document (one of SKIP_REASONS), or None if it can.
-
-    `maybe_surrogates=False` skips the lone-surrogate test for text known to have none."""
+def check_text(text, max_doc_chars: int) -> str | None:
+    """Why a decoded value cannot be a document (one of SKIP_REASONS), or None if it can."""
     if not isinstance(text, str):
         return "not_string"
     if not text or text.isspace():
         return "empty"
     if len(text) > max_doc_chars:
         return "too_long"
-    if maybe_surrogates:
-        try:
-            text.encode("utf-8")  # lone surrogates (from \\ud800 escapes) cannot be tokenized
-        except UnicodeEncodeError:
-            return "invalid_utf8"
+    try:
+        text.encode("utf-8")  # lone surrogates (from \\ud800 escapes) cannot be tokenized
+    except UnicodeEncodeError:
+        return "invalid_utf8"
     return None
 
 
-def parse_jsonl_line(
-    line: bytes, key: str, max_doc_chars: int, maybe_surrogates: bool = True
-) -> tuple[str | None, str | None, str]:
+def parse_jsonl_line(line: bytes, key: str, max_doc_chars: int) -> tuple[str | None, str | None, str]:
     """One non-blank JSON Lines line: (text, None, "") for a document, else (None, reason, detail), the
     detail to append to the line's location in the warning. The error column of malformed JSON counts
     the line's newline, so pass the line with it."""
@@ -158,42 +152,48 @@ def parse_jsonl_line(
     if key not in obj:
         return None, "missing_key", f" (keys: {', '.join(list(obj)[:8])})"
     text = obj[key]
-    reason = check_text(text, max_doc_chars, maybe_surrogates)
+    reason = check_text(text, max_doc_chars)
     return (None, reason, "") if reason else (text, None, "")
-
-
-# A \\uD800-\\uDFFF escape, the only way a lone surrogate gets into text decoded from valid UTF-8.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def parse_jsonl_block(
     data: bytes, key: str, max_doc_chars: int, first_lineno: int = 1
 ) -> tuple[list[str], list[int], list[tuple[int, str, str]], int]:
     """The records of whole JSON Lines lines `data` (a JsonlBlock's), checked line by line exactly as
-    RecordReader.records() checks them: (texts, record offset of each text in the block, skipped
-    records as (offset, reason, location for the warning), number of records)."""
-    maybe_surrogates = _SURROGATE_ESCAPE.search(data) is not None
-    lines = data.split(b"\n")
-    ends_with_newline = not lines[-1]
-    if ends_with_newline:
-        lines.pop()
-    last = len(lines) - 1
+    RecordReader.records() checks them (parse_jsonl_line): (texts, record offset of each text in the
+    block, skipped records as (offset, reason, location for the warning), number of records). The
+    lines are decoded straight from the block (a memoryview), not copied out of it."""
+    view = memoryview(data)
     texts: list[str] = []
     positions: list[int] = []
     bad: list[tuple[int, str, str]] = []
-    rec = 0
-    for i, line in enumerate(lines):
-        if line[:1] != b"{" and not line.strip():
-            continue  # blank lines are not records
-        text, reason, detail = parse_jsonl_line(line, key, max_doc_chars, maybe_surrogates)
-        if reason is None:
-            texts.append(text)
-            positions.append(rec)
-        else:
-            if reason == "malformed_json" and (i < last or ends_with_newline):
-                detail = parse_jsonl_line(line + b"\n", key, max_doc_chars)[2]
-            bad.append((rec, reason, f":{first_lineno + i}{detail}"))
-        rec += 1
+    rec = lo = 0
+    lineno = first_lineno
+    size = len(data)
+    while lo < size:
+        nl = data.find(b"\n", lo)
+        hi = size if nl < 0 else nl + 1  # the line with its newline, as records() reads it
+        if view[lo : lo + 1] == b"{":
+            try:  # the common case, as parse_jsonl_line would decode and parse it
+                obj = json.loads(str(view[lo:hi], "utf-8"))
+                text = obj[key] if isinstance(obj, dict) and key in obj else None
+            except ValueError:
+                text = None
+            if isinstance(text, str) and check_text(text, max_doc_chars) is None:
+                texts.append(text)
+                positions.append(rec)
+                rec, lo, lineno = rec + 1, hi, lineno + 1
+                continue
+        line = data[lo:hi]
+        if line.strip():  # blank lines are not records
+            text, reason, detail = parse_jsonl_line(line, key, max_doc_chars)
+            if reason is None:
+                texts.append(text)
+                positions.append(rec)
+            else:
+                bad.append((rec, reason, f":{lineno}{detail}"))
+            rec += 1
+        lo, lineno = hi, lineno + 1
     return texts, positions, bad, rec
 
 
