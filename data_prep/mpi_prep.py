@@ -269,15 +269,16 @@ class _RangeReader:
     def bytes_done(self) -> int:
         return 0 if self.base is None else self.reader.bytes_done - self.base
 
-    def records(self, start: int):
-        for item in self.reader.records(start):
-            if item[0] < self.lo:
+    def items(self, start: int):
+        for item in self.reader.items(start, stop=self.hi):
+            if isinstance(item, tuple) and item[0] < self.lo:
                 continue  # the reader reports a read error of an earlier file at its own index
-            if self.hi is not None and item[0] >= self.hi:
-                return
             if self.base is None:
                 self.base = self.reader.bytes_done
             yield item
+
+    def unpack_block(self, *args):
+        return self.reader.unpack_block(*args)
 
 
 # ---------------------------------------------------------------------------------------------- spills

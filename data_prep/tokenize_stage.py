@@ -1,8 +1,12 @@
 """`prep tokenize`: documents -> parallel tokenization -> Megatron `.bin/.idx` shards, resumable.
 
 Flow: the main process reads records in input order and cuts them into chunks; worker processes
-tokenize whole chunks with `encode_batch_fast` and return one flat numpy array per chunk; the main
-process consumes results in submission order, so the output never depends on the number of workers.
+tokenize whole chunks with the chosen encoder (data_prep.encoders) and return one flat numpy array per
+chunk; the main process consumes results in submission order, so the output never depends on the number
+of workers. JSON Lines go to the workers unparsed: the main process only reads whole lines in blocks of
+about 1 MB and counts the records (non-blank lines); each worker decodes, parses and checks its block's
+lines (sources.parse_jsonl_block, the same rules as RecordReader) and returns the documents' tokens with
+the skipped records, which the main process then warns about and counts in record order, as before.
 
 Shards are written in *steps*: a step ends at the first document boundary where its tokens (train +
 valid) reach `--shard-tokens`, and produces `train_NNNNN` and `valid_NNNNN` (a split with no document
@@ -45,7 +49,15 @@ from data_prep.manifest import (
     tokenizer_record,
     write_manifest,
 )
-from data_prep.sources import SKIP_REASONS, InputFile, RecordReader, expand_inputs, fingerprint
+from data_prep.sources import (
+    SKIP_REASONS,
+    InputFile,
+    JsonlBlock,
+    RecordReader,
+    expand_inputs,
+    fingerprint,
+    parse_jsonl_block,
+)
 from data_prep.tokenizer import TokenizerInfo, load_tokenizer
 
 STATE_FILE = ".prep_state.json"
@@ -173,10 +185,19 @@ def _encode_task(texts: list[str], eod_id: int, dtype: str):
     return encode_chunk(_WORKER_ENCODER, texts, eod_id, dtype)
 
 
+def _parse_encode_task(data: bytes, lineno: int, key: str, max_doc_chars: int, eod_id: int, dtype: str):
+    """A JsonlBlock's lines: parse and check them (sources.parse_jsonl_block), tokenize the documents.
+    Returns encode_chunk's results and (document offsets, skipped records, number of records)."""
+    texts, positions, bad, n = parse_jsonl_block(data, key, max_doc_chars, lineno)
+    return (*encode_chunk(_WORKER_ENCODER, texts, eod_id, dtype), (positions, bad, n))
+
+
 # ---------------------------------------------------------------------------------------------- pieces
 @dataclass
 class Chunk:
-    """Records [rec_lo, rec_hi) as read: the good documents' texts and the skipped records."""
+    """Records [rec_lo, rec_hi) as read: the good documents' texts and the skipped records; or, for
+    JSON Lines, a JsonlBlock the worker parses (doc_rec, doc_file and bad are filled in from its
+    results when they come back)."""
 
     rec_lo: int
     rec_hi: int = 0
@@ -185,6 +206,8 @@ class Chunk:
     doc_file: list = field(default_factory=list)
     bad: list = field(default_factory=list)  # (record, file index, reason)
     chars: int = 0
+    block: JsonlBlock | None = None
+    warnings: list = field(default_factory=list)  # the reader's (reason, message), given when consumed
 
 
 def split_is_valid(seed: int, records: np.ndarray, valid_fraction: float) -> np.ndarray:
@@ -408,10 +431,37 @@ def _echo(message: str) -> None:
 
 
 def _read_chunks(reader: RecordReader, start: int):
-    """Group records from `start` into Chunks of about CHUNK_CHARS characters."""
+    """Group records from `start` into Chunks of about CHUNK_CHARS characters; a JsonlBlock (from
+    RecordReader.items) is a Chunk of its own. The reader's warnings go with the chunk of the record they
+    are about (or the next chunk), so they are given in record order when the chunk is consumed, also
+    for the blocks whose warnings come from the workers; with --strict the first bad record stops the
+    run whatever the reader has read ahead."""
+    base = getattr(reader, "reader", reader)  # mpi_prep's _RangeReader wraps a RecordReader
+    warn, pending = base.warn, []
+    base.warn = lambda reason, message: pending.append((reason, message))
+    try:
+        yield from _chunks(reader, start, pending)
+    finally:
+        base.warn = warn
+
+
+def _chunks(reader: RecordReader, start: int, pending: list):
     chunk = Chunk(rec_lo=start)
     rec = start
-    for rec, fi, text, reason in reader.records(start):
+    for item in reader.items(start):
+        if isinstance(item, JsonlBlock):
+            if chunk.texts or chunk.bad:
+                chunk.rec_hi = max(rec + 1, chunk.rec_lo)
+                yield chunk
+                chunk = Chunk(rec_lo=rec + 1)
+            rec = item.rec_lo + item.n - 1
+            chunk.block, chunk.rec_lo, chunk.rec_hi = item, item.rec_lo, rec + 1
+            chunk.warnings, pending[:] = chunk.warnings + pending, []
+            yield chunk
+            chunk = Chunk(rec_lo=rec + 1)
+            continue
+        rec, fi, text, reason = item
+        chunk.warnings, pending[:] = chunk.warnings + pending, []
         if text is None:
             chunk.bad.append((rec, fi, reason))
         else:
@@ -424,6 +474,7 @@ def _read_chunks(reader: RecordReader, start: int):
             yield chunk
             chunk = Chunk(rec_lo=rec + 1)
     chunk.rec_hi = max(rec + 1, chunk.rec_lo) if (chunk.texts or chunk.bad) else chunk.rec_lo
+    chunk.warnings, pending[:] = chunk.warnings + pending, []
     yield chunk
 
 
@@ -523,20 +574,33 @@ def _tokenize_records(run: _Run, start: int, reader=None, bar=None) -> int:
     )
     pending: deque = deque()
     end = start
-    dtype = run.dtype.name
+    dtype, eod = run.dtype.name, run.tok.eod_id
     with ProcessPoolExecutor(
         cfg.workers, mp_context=_mp_context(), initializer=_init_worker, initargs=(run.tok.json_text,)
     ) as pool:
 
         def drain_one():
             chunk, fut = pending.popleft()
-            run.consume(chunk, *fut.result())
+            tokens, lengths, failed, *parsed = fut.result()
+            if chunk.block is not None:  # the records of the skipped lines and their warnings
+                chunk.doc_rec, chunk.doc_file, chunk.bad, warnings = reader.unpack_block(
+                    chunk.block, *parsed[0]
+                )
+                chunk.warnings += warnings
+            for reason, message in chunk.warnings:  # in record order, as they were read
+                run.warn(reason, message)
+            run.consume(chunk, tokens, lengths, failed)
             bar.update(reader.bytes_done - bar.n)
             bar.set_postfix(tokens=f"{run.new_tokens:,}", refresh=False)
 
         for chunk in _read_chunks(reader, start):
             end = chunk.rec_hi
-            pending.append((chunk, pool.submit(_encode_task, chunk.texts, run.tok.eod_id, dtype)))
+            if chunk.block is not None:
+                b = chunk.block
+                args = (b.data, b.lineno, cfg.text_key, cfg.max_doc_chars, eod, dtype)
+                pending.append((chunk, pool.submit(_parse_encode_task, *args)))
+            else:
+                pending.append((chunk, pool.submit(_encode_task, chunk.texts, eod, dtype)))
             while len(pending) > 2 * cfg.workers:
                 drain_one()
         while pending:
