@@ -197,13 +197,13 @@ def paper_comparisons(size: Size) -> list[tuple[str, str, str, str]]:
     n, k, g = size.fine
     fine = f"moe_E{n}T{k}G{g}"
     lr_rows = [
-        (f"LR: {size.continue_lr} (recipe) vs {lr} ({what})", a, f"{a}_{lr}", paper)
+        (f"LR: {lr} vs {size.continue_lr} (the recipe), {what}", f"{a}_{lr}", a, paper)
         for lr in LR_SCHEDULES
         if lr != size.continue_lr
         for what, a, paper in (
-            ("MoE", "moe_E8T2", "reset better (the paper, up to 1T tokens)"),
+            ("MoE", "moe_E8T2", "the reset better (up to 1T tokens)" if lr == "reset" else ""),
             ("fine-grained MoE", fine, ""),
-            ("dense", "dense_continued", "(control: the schedule is not an MoE-only effect)"),
+            ("dense", "dense_continued", "(control: not an MoE-only effect)"),
         )
     ]
     return [

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One command: prepare the embedded default corpus, pretrain a small dense Llama from scratch, upcycle it
 # (E8 top-2 and a fine-grained setting), continue training the MoE variants and the dense model on the same
-# tokens with 2 ranks and expert parallelism, then print the table, the plot and the tensorboard line.
+# tokens with 2 ranks and expert parallelism, for 3 seeds, then print the table (mean +- std over seeds, the
+# margins over continued dense and over the starting model), the plot and the tensorboard line.
 #
-#   bash launch/quickstart.sh                 # 2 CPU cores: under 20 minutes
+#   bash launch/quickstart.sh                 # 2 CPU cores: about 15-20 minutes
+#   bash launch/quickstart.sh --seeds 1       # one seed: about 9 minutes
 #   bash launch/quickstart.sh --size gpu      # the same experiment at ~100M parameters, all GPUs
 #   bash launch/quickstart.sh --size tiny     # a seconds-long smoke run (numbers mean nothing)
 #
@@ -23,4 +25,4 @@ if ! "$PYTHON" -c "import pipeline.cli, deepspeed" >/dev/null 2>&1 || ! command 
   "$PYTHON" -m pip install -e .
 fi
 
-exec "$PYTHON" launch/reproduce.py quickstart "$@"
+exec "$PYTHON" launch/reproduce.py quickstart --seeds 3 "$@"

@@ -160,7 +160,7 @@ def write_paper(out: Path, settings: dict, start: dict, records: list[dict], wal
     groups = by_variant(records)
     s = SIZES[settings["size"]]
     continued_tokens = s.continue_steps * s.global_batch * s.seq_len
-    seeds = sorted({r["seed"] for r in records})
+    seeds = list(dict.fromkeys(r["seed"] for r in records))  # in run order, as the per-seed columns
     lines = [
         f"Size `{settings['size']}`: dense Llama H={s.hidden}, F={s.intermediate}, {s.layers} layers, "
         f"vocab {s.vocab}, {start['params_total'] / 1e6:.2f}M parameters; pretrained {start['steps']} "
