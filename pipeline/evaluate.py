@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pipeline.config import SUPPORTED_MODEL_TYPES
 from pipeline.errors import UserError
@@ -94,7 +93,7 @@ def evaluate(
 ) -> dict:
     """{'loss', 'perplexity', 'tokens', 'layers': {layer: load statistics}} over the chosen windows."""
     from data_prep.reader import PackedTokenDataset
-    from pipeline.metrics import expert_load, load_summary, standard_error
+    from pipeline.metrics import expert_load, load_summary, standard_error, window_losses
 
     model = _Model(model_path)
     dataset = PackedTokenDataset(data, split, seq_len, seed)
@@ -106,7 +105,7 @@ def evaluate(
     n = len(dataset) if batches <= 0 else batches * batch_size
     if n == 0:
         raise UserError(f"{data}: the {split!r} split has no windows of {seq_len + 1} tokens")
-    window_losses: list[float] = []
+    per_window: list[float] = []
     counts = [None] * len(model.moe_layers)
     biases = model.expert_biases()
     entropy = [0.0] * len(model.moe_layers)
@@ -114,8 +113,7 @@ def evaluate(
         rows = [dataset.sample(i) for i in range(start, min(n, start + batch_size))]
         batch = torch.from_numpy(np.stack(rows)).long()
         logits, router = model(batch[:, :-1])
-        per_token_BT = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")
-        window_losses += per_token_BT.double().mean(dim=1).tolist()
+        per_window += window_losses(logits, batch[:, 1:]).tolist()
         if len(router) != len(model.moe_layers):
             raise RuntimeError(
                 f"got router logits for {len(router)} layers, expected {len(model.moe_layers)}"
@@ -124,7 +122,7 @@ def evaluate(
             c, ent = expert_load(lg.reshape(-1, lg.shape[-1]), model.top_k, "softmax-topk", biases[j])
             counts[j] = c if counts[j] is None else counts[j] + c
             entropy[j] += float(ent)
-    losses_W = torch.tensor(window_losses, dtype=torch.float64)
+    losses_W = torch.tensor(per_window, dtype=torch.float64)
     loss, tokens = float(losses_W.mean()), n * seq_len
     layers = {}
     for j, layer in enumerate(model.moe_layers):
@@ -142,7 +140,7 @@ def evaluate(
         "windows": n,
         "top_k": model.top_k,
         "layers": layers,
-        "window_losses": window_losses,
+        "window_losses": per_window,
     }
 
 

@@ -34,6 +34,13 @@ def expert_load(
     return counts_N, entropy_sum
 
 
+def window_losses(logits_BTV: torch.Tensor, targets_BT: torch.Tensor) -> torch.Tensor:
+    """[B] float64 on the CPU: each window's mean next-token loss (validation in the trainer and `upcycle
+    eval`, so both score a window the same way)."""
+    per_token_BT = F.cross_entropy(logits_BTV.float().transpose(1, 2), targets_BT, reduction="none")
+    return per_token_BT.double().mean(dim=1).cpu()
+
+
 def standard_error(values: torch.Tensor) -> float:
     """Standard error of the mean of independent samples (e.g. per-window validation losses)."""
     n = values.numel()

@@ -75,6 +75,10 @@ class MoESection:
         """The load-balancing loss's weight in the loss: aux_loss_coef, 0 with balance bias."""
         return 0.0 if self.balance == "bias" else self.aux_loss_coef
 
+    def total_loss(self, lm_loss, aux_loss, z_loss):
+        """The training loss from its parts (tensors or floats): the one place the weights are applied."""
+        return lm_loss + self.aux_weight * aux_loss + self.z_loss_coef * z_loss
+
 
 @dataclass
 class ParallelSection:
@@ -248,7 +252,9 @@ def validate(cfg: RunConfig, world_size: int, cuda: bool) -> None:
     if t.min_lr > t.lr:
         problems.append(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}")
     if cfg.moe.aux_loss_scope not in AUX_LOSS_SCOPES:
-        problems.append(f"moe.aux_loss_scope={cfg.moe.aux_loss_scope!r}: must be micro or global")
+        problems.append(
+            f"moe.aux_loss_scope={cfg.moe.aux_loss_scope!r}: must be {' or '.join(AUX_LOSS_SCOPES)}"
+        )
     problems += balance_problems(cfg.moe)
     if problems:
         raise UserError("invalid run config:\n  - " + "\n  - ".join(problems))

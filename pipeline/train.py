@@ -146,9 +146,8 @@ class Trainer:
         step_aux = self.capture.step_aux() if self.capture else None
         if step_aux is None:
             return
-        moe = self.cfg.moe
         stats["aux_loss"] = step_aux
-        stats["loss"] = stats["lm_loss"] + moe.aux_weight * step_aux + moe.z_loss_coef * stats["z_loss"]
+        stats["loss"] = self.cfg.moe.total_loss(stats["lm_loss"], step_aux, stats["z_loss"])
 
     def forward_loss(self, tokens_BT1: torch.Tensor):
         """(loss to backpropagate, its parts as floats, per-layer (expert counts, router entropy) or None)."""
@@ -160,7 +159,7 @@ class Trainer:
         if not self.capture:
             return lm_loss, [lm_loss.item(), lm_loss.item(), 0.0, 0.0], None
         aux, z = self.capture.losses()
-        loss = lm_loss + self.cfg.moe.aux_weight * aux + self.cfg.moe.z_loss_coef * z
+        loss = self.cfg.moe.total_loss(lm_loss, aux, z)
         top_k, routing = self.capture.top_k, self.capture.routing
         captured = zip(self.capture.logits, self.capture.biases, strict=True)  # biases: moe.balance bias
         loads = [metrics.expert_load(lg, top_k, routing, b) for lg, b in captured]
@@ -213,11 +212,7 @@ class Trainer:
         """Mean token loss of each window of this rank's share of one global batch, float64."""
         losses = []
         for tokens_BT1 in batch_BT1.to(self.device).split(self.cfg.train.micro_batch):
-            logits_BTV = self.engine(tokens_BT1[:, :-1])
-            per_token_BT = F.cross_entropy(
-                logits_BTV.float().transpose(1, 2), tokens_BT1[:, 1:], reduction="none"
-            )
-            losses.append(per_token_BT.double().mean(dim=1).cpu())
+            losses.append(metrics.window_losses(self.engine(tokens_BT1[:, :-1]), tokens_BT1[:, 1:]))
         return torch.cat(losses)
 
     def _in_sample_order(self, local_W: torch.Tensor, n_batches: int) -> torch.Tensor:
