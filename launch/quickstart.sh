@@ -4,8 +4,8 @@
 # tokens with 2 ranks and expert parallelism, for 3 seeds, then print the table (mean +- std over seeds, the
 # margins over continued dense and over the starting model), the plot and the tensorboard line.
 #
-#   bash launch/quickstart.sh                 # 2 CPU cores: about 15-20 minutes
-#   bash launch/quickstart.sh --seeds 1       # one seed: about 9 minutes
+#   bash launch/quickstart.sh                 # 2 CPU cores: pretraining + 9 continued runs (README: timings)
+#   bash launch/quickstart.sh --seeds 1       # one seed: 3 continued runs
 #   bash launch/quickstart.sh --size gpu      # the same experiment at ~100M parameters, all GPUs
 #   bash launch/quickstart.sh --size tiny     # a seconds-long smoke run (numbers mean nothing)
 #
