@@ -7,7 +7,12 @@ Points (each called once per step by the code that owns it; docs/design.md §7):
     prep.after_rename     the shards of a step are in place, the prep state not yet updated
     prep.after_state      the prep state records the step
     checkpoint.before_latest   (rank 0) DeepSpeed's files are written, run_state.json and `latest` are not
+    universal.convert     (rank 0; step = the checkpoint's) DeepSpeed's converter has started for a resume
+                          under another topology, rank 0's heartbeat is running
+    train.teardown        (each rank; step = the rank) the run is finished and saved, the process groups
+                          are shut down, the rank's clean exit not yet recorded
 Actions:
+    abort   SIGABRT this process, as a C++ std::terminate in a library thread would
     kill    SIGKILL this process (nothing runs after it: no cleanup, no atexit)
     pause   print a line and sleep PAUSE_SECONDS, so that a test can kill the process from outside
 
@@ -22,7 +27,7 @@ import time
 
 FAULT_ENV = "UPCYCLE_FAULT"
 PAUSE_SECONDS = 120
-ACTIONS = ("kill", "pause")
+ACTIONS = ("kill", "pause", "abort")
 
 
 def fault_spec(point: str, step: int, action: str) -> str:
@@ -48,6 +53,8 @@ def fault_point(point: str, step: int) -> None:
             continue
         if action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        elif action == "abort":
+            os.abort()
         elif action == "pause":
             print(pause_banner(point, step), flush=True)
             time.sleep(PAUSE_SECONDS)

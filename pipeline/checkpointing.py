@@ -22,6 +22,7 @@ import json
 import random
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,69 @@ LATEST = "latest"
 RUN_STATE = "run_state.json"
 FILES = "files"  # the run_state.json key of the integrity record: relative path -> {size, sha256}
 DAMAGED_PREFIX = "damaged_"  # outside the step_* glob: pruning and resume never touch a damaged one
+
+
+# ---- a finished run: which ranks got there, and which then also exited cleanly -----------------------
+# output.dir/finished/rank_{r}.json: {"tag": the final checkpoint, "exited": false, then true}. Written by
+# each rank after its final save (and the expert-load picture, the last output), and again at the very
+# end of its shutdown. A launcher reads them when a rank's exit code says failure: a rank that finished
+# but did not exit cleanly failed in teardown, after everything of the run was on disk.
+FINISHED_DIR = "finished"
+
+
+def record_finished(output_dir: str | Path, rank: int, tag: str) -> None:
+    _write_finished(output_dir, rank, tag, exited=False)
+
+
+def record_exit(output_dir: str | Path, rank: int, tag: str) -> None:
+    _write_finished(output_dir, rank, tag, exited=True)
+
+
+def _write_finished(output_dir: str | Path, rank: int, tag: str, exited: bool) -> None:
+    folder = Path(output_dir) / FINISHED_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomically(str(folder / f"rank_{rank}.json"), json.dumps({"tag": tag, "exited": exited}) + "\n")
+
+
+def clear_finished(output_dir: str | Path) -> None:
+    """Rank 0 at the start of a run: the records of an earlier run in this output.dir are void."""
+    shutil.rmtree(Path(output_dir) / FINISHED_DIR, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What the finished records of a run say, against the checkpoint `latest` names."""
+
+    final_tag: str  # the checkpoint a completed run ends with
+    latest: str | None
+    finished: list[int]  # ranks that recorded final_tag as saved
+    exited: list[int]  # ... and then their clean exit
+    world: int
+
+    @property
+    def complete(self) -> bool:
+        """Every rank saved the final checkpoint, and `latest` names it."""
+        return self.latest == self.final_tag and self.finished == list(range(self.world))
+
+    @property
+    def failed_in_teardown(self) -> list[int]:
+        return [r for r in self.finished if r not in self.exited]
+
+
+def completion(output_dir: str | Path, steps: int, world: int) -> Completion:
+    final_tag = f"step_{steps:08d}"
+    finished, exited = [], []
+    for rank in range(world):
+        path = Path(output_dir) / FINISHED_DIR / f"rank_{rank}.json"
+        with contextlib.suppress(OSError, ValueError):
+            record = json.loads(path.read_text())
+            if record.get("tag") == final_tag:
+                finished.append(rank)
+                if record.get("exited"):
+                    exited.append(rank)
+    with contextlib.suppress(UserError):
+        return Completion(final_tag, latest_tag(output_dir), finished, exited, world)
+    return Completion(final_tag, None, finished, exited, world)
 
 
 def topology(cfg: RunConfig, world_size: int) -> dict:

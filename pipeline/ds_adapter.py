@@ -342,6 +342,53 @@ def init_distributed(cfg: RunConfig) -> torch.device:
     return torch.device("cpu")
 
 
+def shutdown_distributed(collective: bool = True) -> list[str]:
+    """End this rank's part of the run so that the interpreter exits with no communication thread left.
+
+    Each gloo process group owns C++ threads (a TCP event loop and two workers), joined only when the
+    group object itself is destroyed; rank 0 also runs the TCPStore's server thread. `destroy_process_group`
+    only drops torch's own references: any group still referenced (DeepSpeed's group registry, an engine
+    whose hooks were never removed, a signal handler holding the trainer) keeps its threads running into
+    interpreter finalization, and a worker thread that then takes the GIL (to free a tensor a collective
+    held) is ended by the interpreter mid-C++ frame: "terminate called without an active exception",
+    SIGABRT, after the run completed. So, once the caller has released the engine (`engine.destroy()`
+    and its last reference): a barrier (no collective of this run is in flight on any rank), this rank's
+    CPU all-reduce segment unlinked, DeepSpeed's destroy (torch's groups and DeepSpeed's references to
+    them), and a collection so that each group's destructor joins its threads here, on this thread, while
+    the interpreter is whole. `collective=False` skips the barrier (after an error other ranks may be
+    gone). Returns the names of communication threads still alive afterwards (none expected).
+    """
+    import gc
+
+    import deepspeed.comm
+
+    if not dist.is_initialized():
+        return communication_threads()
+    # The engine's reference cycles first: a group destroyed while still referenced keeps its threads.
+    gc.collect()
+    if collective:
+        dist.barrier()
+    remove_shm_buffer(shm_buffer_path())
+    deepspeed.comm.destroy_process_group()
+    gc.collect()
+    return communication_threads()
+
+
+# Names torch gives the threads of gloo process groups and of the TCPStore server (c10::setThreadName).
+COMMUNICATION_THREAD_NAMES = ("gloo", "pt_tcpstore")
+
+
+def communication_threads() -> list[str]:
+    """Names of this process's threads that belong to process groups or the rendezvous store (Linux)."""
+    names = []
+    for task in Path("/proc/self/task").glob("*"):
+        with contextlib.suppress(OSError):
+            name = (task / "comm").read_text().strip()
+            if any(marker in name for marker in COMMUNICATION_THREAD_NAMES):
+                names.append(name)
+    return sorted(names)
+
+
 def shm_buffer_path() -> Path:
     """The shared-memory segment DeepSpeed's CPU all-reduce op makes for this rank (csrc/cpu/comm/shm.cpp).
 

@@ -17,6 +17,7 @@ import ctypes
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -71,6 +72,29 @@ def hostfile_slots(path: str) -> int:
     return total
 
 
+def hostfile_hosts(path: str) -> list[str]:
+    """The host names of a DeepSpeed hostfile (validated by `hostfile_slots`)."""
+    lines = (line.split("#", 1)[0].split() for line in Path(path).read_text().splitlines())
+    return [fields[0] for fields in lines if fields]
+
+
+def is_this_machine(host: str) -> bool:
+    return host in ("localhost", socket.gethostname(), socket.getfqdn()) or host.startswith("127.")
+
+
+def refuse_remote_hosts(path: str) -> None:
+    """The supervisor sees only the processes of this machine: DeepSpeed's runner starts the ranks of other
+    hosts over pdsh/SSH, outside it, and kills them at once on SIGTERM (a pre-emption save cut short)."""
+    remote = [h for h in hostfile_hosts(path) if not is_this_machine(h)]
+    if remote:
+        raise UserError(
+            f"--hostfile {path} lists other machines ({', '.join(remote)}): `upcycle train` supervises the "
+            "ranks of this machine only, so a SIGTERM (pre-emption) would kill theirs before they save. "
+            "Start one supervised launcher per node instead: NODE_RANK=i launch/node.sh CONFIG on every node "
+            "(or sbatch launch/slurm.sbatch CONFIG); see docs/multinode.md"
+        )
+
+
 def run_cli(args: argparse.Namespace) -> int:
     import torch
 
@@ -83,7 +107,9 @@ def run_cli(args: argparse.Namespace) -> int:
     else:
         world = args.nproc or (torch.cuda.device_count() or 2)
         where = ["--num_gpus", str(world)]
-    prepare(["--config", args.config, *args.overrides], world_size=world)
+    cfg, _ = prepare(["--config", args.config, *args.overrides], world_size=world)
+    if args.hostfile:
+        refuse_remote_hosts(args.hostfile)
     if shutil.which("deepspeed") is None:
         raise UserError("the `deepspeed` launcher is not on PATH: pip install deepspeed")
     cmd = [
@@ -101,9 +127,33 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     try:
-        return supervise(cmd, args.stop_timeout, "upcycle train")
+        code = supervise(cmd, args.stop_timeout, "upcycle train")
     finally:
         remove_leftover_shm(args.master_port)
+    return completed_despite_teardown(code, cfg.output.dir, cfg.train.steps, world)
+
+
+def completed_despite_teardown(code: int, output_dir: str, steps: int, world: int) -> int:
+    """0 for a run whose every rank saved the final checkpoint (`latest` names it) and then one failed in
+    its teardown: nothing of the run is lost, and a scheduler must not retry it (a warning names the
+    ranks). Any other failure keeps its exit code."""
+    from pipeline import checkpointing
+
+    if code == 0:
+        return 0
+    done = checkpointing.completion(output_dir, steps, world)
+    if not done.complete:
+        return code
+    ranks = done.failed_in_teardown
+    who = f"rank(s) {', '.join(map(str, ranks))}" if ranks else "a process"
+    print(
+        f"upcycle train: warning: {who} did not exit cleanly (exit code {code}) after every rank had saved "
+        f"the final checkpoint {done.final_tag}, which `latest` names: the run is complete, exiting with 0. "
+        "See the rank's log for what failed in its teardown",
+        file=sys.stderr,
+        flush=True,
+    )
+    return 0
 
 
 # ---- the launching process outlives its ranks ----------------------------------------------------------

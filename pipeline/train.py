@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data_prep.faults import fault_point
 from data_prep.fileio import write_atomically
 from pipeline import checkpointing, ds_adapter, metrics, universal_checkpoint
 from pipeline.config import ModelConfig
@@ -31,6 +32,8 @@ from pipeline.preflight import prepare
 from pipeline.run_config import RunConfig
 
 LOSS_PARTS = ("loss", "lm_loss", "aux_loss", "z_loss")
+# The fault point (data_prep/faults.py) of a rank's end: its final checkpoint saved, its groups shut down.
+TEARDOWN_FAULT = "train.teardown"
 VAL_WINDOWS_FILE = "val_window_losses.json"  # the last evaluation, window by window (launch/report.py)
 
 
@@ -79,11 +82,22 @@ class Trainer:
         self.batches = DistributedBatches(self.train_data, t.global_batch, self.rank, self.world)
         self.step = 0
         self.stop_requested = False
+        self.finished: str | None = None  # the final checkpoint's tag, once every step is saved
+        if self.rank == 0:
+            checkpointing.clear_finished(cfg.output.dir)
 
     def train(self) -> None:
-        cfg, out = self.cfg, self.cfg.output
         self.maybe_resume()
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        # The handler is a bound method: while installed it keeps this trainer, its engine and through
+        # them every process group alive until interpreter exit (see `ds_adapter.shutdown_distributed`).
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            self._train_loop()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _train_loop(self) -> None:
+        cfg, out = self.cfg, self.cfg.output
         self.log.open()
         while self.step < cfg.train.steps:
             started = time.perf_counter()
@@ -105,6 +119,8 @@ class Trainer:
         if checkpointing.latest_tag(out.dir) != f"step_{self.step:08d}":
             self.save()
         self.log.close(self.step)
+        self.finished = f"step_{self.step:08d}"
+        checkpointing.record_finished(out.dir, self.rank, self.finished)
 
     def train_step(self) -> dict:
         """One optimizer step: the micro-batches through the engine; returns rank-averaged stats."""
@@ -241,14 +257,15 @@ class Trainer:
         if tag is None:
             return None, False
         step_dir = checkpointing.checkpoint_root(out) / tag
-        now = checkpointing.topology(self.cfg, self.world)
-        changed = checkpointing.topology_changes(checkpointing.read_run_state(step_dir), now)
+        now, state = checkpointing.topology(self.cfg, self.world), checkpointing.read_run_state(step_dir)
+        changed = checkpointing.topology_changes(state, now)
         if not changed:
             return tag, False
         if self.rank == 0:
             details = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items())
             self.log.log(f"{tag} was saved under another topology ({details})")
-        universal_checkpoint.ensure_universal(step_dir, self.rank, self.log.log)
+        timeout_s = self.cfg.parallel.timeout_s  # how long the other ranks wait for a silent rank 0
+        universal_checkpoint.ensure_universal(step_dir, self.rank, self.log.log, state["step"], timeout_s)
         dist.barrier()
         return tag, True
 
@@ -275,6 +292,11 @@ class Trainer:
         tag = checkpointing.save(self.engine, out.dir, self.step, run_state, out.keep_checkpoints)
         self.log.log(f"saved checkpoint {tag}")
 
+    def close(self) -> None:
+        """Release DeepSpeed's hooks and buffers (`engine.destroy`) and our references to the engine."""
+        self.engine.destroy()
+        self.engine = self.capture = self.scheduler = None
+
     # ---- preemption ----------------------------------------------------------------------------
     def _on_sigterm(self, signum, frame) -> None:
         self.stop_requested = True
@@ -293,12 +315,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     os.makedirs(cfg.output.dir, exist_ok=True)
     device = ds_adapter.init_distributed(cfg)
+    trainer, code = None, 0
     try:
-        Trainer(cfg, model_config, device).train()
+        trainer = Trainer(cfg, model_config, device)
+        trainer.train()
     except UserError as exc:
         print(f"train (rank {dist.get_rank()}): error: {exc}", file=sys.stderr)
-        dist.destroy_process_group()
-        return 2
+        code = 2
     except RuntimeError as exc:
         if not ds_adapter.is_peer_failure(exc):
             raise
@@ -307,8 +330,21 @@ def main(argv: list[str] | None = None) -> int:
         except UserError:
             latest = "unreadable"
         ds_adapter.leave_after_peer_failure(ds_adapter.peer_failure_message(cfg, exc, latest))
-    dist.destroy_process_group()
-    return 0
+    # Outside the except blocks: a caught exception's traceback would keep the trainer alive.
+    rank, finished = dist.get_rank(), trainer.finished if trainer else None
+    if trainer:
+        trainer.close()
+    trainer = None  # its engine holds the process groups: they must go before the interpreter does
+    left = ds_adapter.shutdown_distributed(collective=code == 0)  # after an error, other ranks may be gone
+    if left:
+        print(
+            f"train (rank {rank}): {len(left)} communication threads outlived shutdown: {left}",
+            file=sys.stderr,
+        )
+    if finished:
+        fault_point(TEARDOWN_FAULT, rank)
+        checkpointing.record_exit(cfg.output.dir, rank, finished)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Shared fixtures: tiny random models built with `transformers`, the reference we did not write."""
+"""Shared fixtures, and the markers every test gets from what it does (helpers/marking.py).
+
+Helpers live in tests/helpers (on pytest's pythonpath: `from launching import launch`); no test module
+imports from another test module or from this file.
+"""
 
 from __future__ import annotations
 
@@ -6,46 +10,20 @@ import contextlib
 import glob
 import os
 
+import marking
 import pytest
 import torch
+from hf_models import save_hf_model
+from workspace import INPUTS, copy_inputs, fingerprint, launch_reference, prepare_train_workspace
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-TINY = dict(
-    vocab_size=211,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=3,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
 
-
-def save_hf_model(family: str, path, seed: int = 0, max_shard_size: str | None = None, **overrides):
-    """Build a tiny random `transformers` model of a family ('llama', 'mistral', 'qwen2', 'qwen3') and save
-    it."""
-    import transformers
-
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-    }[family]
-    kwargs = {**TINY, **overrides}
-    if family == "mistral":
-        kwargs.setdefault("sliding_window", None)
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**kwargs)).eval()
-    # Random norm weights, so that a wrong norm implementation cannot hide behind weight = 1.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.normal_(mean=1.0 if "norm" in name else 0.0, std=0.1)
-    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
-    return model
+# tryfirst: before `-m` deselects by the markers.
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    marking.mark_items(items)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -69,28 +47,27 @@ def dense_llama(tmp_path_factory):
     return path, save_hf_model("llama", path)
 
 
-def prepare_train_workspace(root):
-    """What tests/test_train.py's `workspace` builds: a prepared tiny corpus (`data`, tokenizer `tok`), a tiny
-    dense model (`dense`) and its E8 top-2 upcycled version (`moe`)."""
-    from pipeline.cli import main as upcycle
-
-    corpus = root / "corpus.jsonl"
-    steps = [
-        ["prep", "corpus", "--out", str(corpus), "--max-mb", "1"],
-        ["prep", "tokenizer", "--input", str(corpus), "--vocab-size", "384", "--out", str(root / "tok")],
-        ["prep", "tokenize", "--input", str(corpus), "--tokenizer", str(root / "tok"), "--out",
-         str(root / "data"), "--valid-fraction", "0.05", "--no-progress"],
-        ["init", "--out", str(root / "dense"), "--tokenizer", str(root / "tok"), "--hidden-size", "64",
-         "--intermediate-size", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2"],
-        ["convert", "--dense", str(root / "dense"), "--out", str(root / "moe"), "--experts", "8",
-         "--top-k", "2"],
-    ]  # fmt: skip
-    for argv in steps:
-        assert upcycle(argv) == 0, argv
-    return root
+@pytest.fixture(scope="session")
+def train_inputs(tmp_path_factory):
+    """The session's one `prepare_train_workspace`; read-only: use `train_workspace`, a copy."""
+    root = prepare_train_workspace(tmp_path_factory.mktemp("train_inputs"))
+    before = fingerprint(root, INPUTS)
+    yield root
+    assert fingerprint(root, INPUTS) == before, f"a test wrote into the shared inputs in {root}"
 
 
 @pytest.fixture(scope="module")
-def train_workspace(tmp_path_factory):
-    """A fresh `prepare_train_workspace` per test module (launch it with test_train.launch)."""
-    return prepare_train_workspace(tmp_path_factory.mktemp("train"))
+def train_workspace(train_inputs, tmp_path_factory, request):
+    """This module's copy of the prepared workspace (corpus.jsonl, tok, data, dense, moe): its runs go to
+    workspace/<out> (launching.launch), out of sight of other modules' runs of the same name."""
+    return copy_inputs(train_inputs, tmp_path_factory.mktemp(f"train_{request.module.__name__}"))
+
+
+@pytest.fixture(scope="session")
+def reference_run(train_inputs):
+    """The session's uninterrupted reference run (workspace.REFERENCE); read-only: start from a copy of it
+    (workspace.copy_run)."""
+    run = launch_reference(train_inputs)
+    before = fingerprint(run.dir)
+    yield run
+    assert fingerprint(run.dir) == before, f"a test wrote into the reference run {run.dir}; copy_run it"

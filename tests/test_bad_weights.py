@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from conftest import save_hf_model
+from hf_models import save_hf_model
 
 from pipeline.cli import main as upcycle
 from pipeline.errors import UserError

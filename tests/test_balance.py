@@ -1,24 +1,29 @@
 """`moe.balance: bias`: aux-loss-free load balancing with a per-expert selection bias (docs/design.md §3).
 
 Unit level: our `route` with a bias is DeepSpeed AutoEP's router, and the update moves a skewed router
-toward balance. Real runs (2 CPU ranks, EP 2, one 5-step run shared by the tests): the bias is the same on
-every rank, nonzero, logged, used by the fast and the stock forward, and by our own model on the
-checkpoint; a resume restores it exactly; export refuses it unless --drop-expert-bias.
+toward balance. In process (2 gloo ranks, `Trainer.train_step` with a stand-in engine: tests/helpers/
+trainer_stand_in.py): each step's expert counts are the whole global batch's, counted with the bias, so every
+rank ends with the same bias. One real launch (2 CPU ranks, EP 2, tests/balance_worker.py: a 5-step run,
+then in the same processes a resume of a copy of its step-3 checkpoint), shared by the tests: the bias is
+the same on every rank, nonzero, logged, used by the fast and the stock forward, and by our own model on
+the checkpoint; the resume restores it exactly; export refuses it unless --drop-expert-bias.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
-import shutil
 import subprocess
 
 import pytest
 import torch
-from launching import REPO, TINY_CONFIG, free_port, launch, losses, run_paths
+from distributed import run_on_ranks
+from launching import REPO, TINY_CONFIG, free_port, losses, run_paths
+from trainer_stand_in import train_steps, whole_batch_steps
 
-from pipeline.ds_adapter import update_expert_bias
+from pipeline.ds_adapter import shm_buffer_name, update_expert_bias
 from pipeline.errors import UserError
 from pipeline.moe import MoEBlock, route
 from pipeline.run_config import load_run_config, validate
@@ -27,6 +32,7 @@ RATE = "1e-2"  # 10x the default, so that 4 steps move the bias enough to change
 BIAS_RUN = ("--moe.balance", "bias", "--moe.bias_update_rate", RATE, "--parallel.ep_size", "2",
             "--train.steps", "5", "--output.checkpoint_interval", "3",
             "--output.eval_interval", "0")  # fmt: skip
+RESUMING = "---- resuming a copy ----"  # balance_worker.py prints it between its two runs
 
 
 # ---- unit level ------------------------------------------------------------------------------------
@@ -120,23 +126,61 @@ def test_aux_weight_follows_balance():
     assert weights == {"aux": 1e-2, "bias": 0.0, "aux+bias": 1e-2}
 
 
-# ---- real runs: 2 ranks, EP 2 ------------------------------------------------------------------------
+# ---- in process: Trainer.train_step on 2 gloo ranks ---------------------------------------------------
+
+STAND_IN_BIAS = ["--moe.balance", "bias", "--moe.bias_update_rate", RATE, "--train.micro_batch", "2"]
+
+
+def test_every_rank_ends_with_the_bias_of_the_whole_batchs_loads():
+    """4 steps of balance bias on 2 ranks x 2 micro-batches: each step's expert counts are the whole global
+    batch's, counted with the bias the forward chose with; every rank applies the same update to the same
+    counts, so every rank holds the bias the whole batch's loads give (computed here, one process)."""
+    ranks = run_on_ranks(train_steps, STAND_IN_BIAS, 4)
+    whole = whole_batch_steps(STAND_IN_BIAS, 4)
+    for rank in ranks:
+        assert rank["lines"] == [
+            "moe.balance bias: expert bias on 2 MoE layers, rate 0.01",
+            "moe.balance bias: the load-balancing loss is logged but not added (aux_loss_coef treated as 0)",
+        ]
+        bias_LN = rank["bias_LN"]
+        assert bias_LN.dtype == torch.float32 and bias_LN.shape == (2, 8) and bias_LN.abs().max() > 0
+        assert torch.equal(bias_LN, ranks[0]["bias_LN"]) and torch.equal(bias_LN, whole[-1]["expert_bias"])
+        for step, (row, expected) in enumerate(zip(rank["stats"], whole, strict=True)):
+            assert torch.equal(row["expert_counts"], expected["expert_counts"]), step
+            assert torch.equal(row["expert_bias"], expected["expert_bias"]), step  # what the run log gets
+            assert row["loss"] == row["lm_loss"] and row["aux_loss"] > 0  # aux logged, not added
+    # The bias changed selections: counts without it differ, so the counts above were made with it.
+    unbiased = whole_batch_steps(["--train.micro_batch", "2"], 4)
+    assert not torch.equal(whole[-1]["expert_counts"], unbiased[-1]["expert_counts"])
+
+
+# ---- a real run: 2 ranks, EP 2 ------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
 def bias_run(train_workspace):
-    """5 steps of balance bias at EP 2 (checkpoints at steps 3 and 5), run by tests/balance_worker.py."""
+    """5 steps of balance bias at EP 2 (checkpoints at steps 3 and 5), then a resume of a copy of step 3 to
+    step 5 in `bias_resumed`: one torchrun of tests/balance_worker.py."""
     out = train_workspace / "bias_worker_out"
     out.mkdir()
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "balance_worker.py"), str(out), "--config", TINY_CONFIG,
+    port = free_port()
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(port),
+           str(REPO / "tests" / "balance_worker.py"), str(out), "step_00000003", "--config", TINY_CONFIG,
            *run_paths(train_workspace, "bias"), *BIAS_RUN]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     (train_workspace / "bias.log").write_text(proc.stdout + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # DeepSpeed's CPU all-reduce segments (~67 MB of RAM each) are removed when the ranks exit.
+    assert not glob.glob("/dev/shm/" + shm_buffer_name("*", port, "*"))
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
     return train_workspace, ranks
+
+
+def run_logs(workspace) -> list[str]:
+    """The worker's output: [the first run's, the resumed run's] (rank 0 logs; both ranks' errors)."""
+    first, resumed = (workspace / "bias.log").read_text().split(RESUMING)
+    return [first, resumed]
 
 
 def checkpoint_bias(run_dir, tag) -> torch.Tensor:
@@ -168,7 +212,7 @@ def test_bias_is_synced_logged_and_routes_every_forward(bias_run):
     assert torch.allclose(ours, rank0["fast"], atol=1e-4, rtol=0)
 
     # Logged: the console, train_log.jsonl (per layer min/max) and TensorBoard.
-    log = (workspace / "bias.log").read_text()
+    log = run_logs(workspace)[0]
     assert "moe.balance bias: expert bias on 2 MoE layers, rate 0.01" in log
     assert "aux_loss_coef treated as 0" in log
     rows = [json.loads(line) for line in (workspace / "bias" / "train_log.jsonl").read_text().splitlines()]
@@ -187,19 +231,14 @@ def test_bias_is_synced_logged_and_routes_every_forward(bias_run):
 
 @pytest.mark.slow
 def test_resume_restores_the_bias_exactly(bias_run):
-    """Resume the shared run's step-3 checkpoint to step 5: bias and losses equal the uninterrupted run's.
-    (At rate 1e-2 the bias flips back and forth on a fresh upcycled router: after step 2 it is all zero
-    again, hence step 3, whose bias is not, so that a bias lost on resume cannot pass.)"""
+    """The shared run's step-3 checkpoint, copied and resumed to step 5 (a new Trainer and engine): bias and
+    losses equal the uninterrupted run's. (At rate 1e-2 the bias flips back and forth on a fresh upcycled
+    router: after step 2 it is all zero again, hence step 3, whose bias is not, so that a bias lost on resume
+    cannot pass.)"""
     workspace, (rank0, _) = bias_run
     resumed = workspace / "bias_resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(
-        workspace / "bias" / "checkpoints" / "step_00000003", resumed / "checkpoints" / "step_00000003"
-    )
-    (resumed / "checkpoints" / "latest").write_text("step_00000003")
     assert checkpoint_bias(resumed, "step_00000003").abs().max() > 0
-    launch(workspace, "bias_resumed", *BIAS_RUN)
-    assert "resumed from step_00000003" in (workspace / "bias_resumed.log").read_text()
+    assert "resumed from step_00000003" in run_logs(workspace)[1]
     assert torch.equal(checkpoint_bias(resumed, "step_00000005"), rank0["bias_LN"])
     full, again = losses(workspace, "bias"), losses(workspace, "bias_resumed")
     assert sorted(again) == [4, 5] and all(again[s] == full[s] for s in (4, 5)), (full, again)

@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from launching import launch, losses
+from workspace import copy_run
 
 from pipeline import checkpointing
 from pipeline.cli import main as upcycle
@@ -145,34 +146,35 @@ def test_checkpoint_saved_before_records_existed_is_accepted(one_rank):
 
 
 # ---- a real run: 2 CPU ranks -----------------------------------------------------------------------------
-COMMON = ("--train.schedule", "constant", "--output.checkpoint_interval", "4", "--output.eval_interval", "0")
 
 
 @pytest.mark.slow
-def test_damaged_shard_falls_back_and_reproduces_the_losses(train_workspace, capsys):
-    """Truncate one optimizer shard of the latest checkpoint (a full disk, a bad copy): the same command
-    resumes from the previous checkpoint and reproduces the uninterrupted run's losses. Then a same-size
-    corruption with `refuse`: every rank stops naming the file and the flag, nothing is loaded."""
+def test_damaged_shard_falls_back_and_reproduces_the_losses(train_workspace, reference_run, capsys):
+    """Truncate one optimizer shard of the latest checkpoint (a full disk, a bad copy) of a copy of the
+    reference run as it was at step 8: the same command resumes from the previous checkpoint and
+    reproduces the uninterrupted run's losses. Then a same-size corruption with `refuse`: every rank stops
+    naming the file and the flag, nothing is loaded."""
     workspace = train_workspace
-    launch(workspace, "whole", "--train.steps", "12", *COMMON)
-    launch(workspace, "damaged", "--train.steps", "8", *COMMON)  # constant lr: the same first 8 steps
+    copy_run(reference_run.dir, workspace / "damaged", at_step=8)
     root = workspace / "damaged" / "checkpoints"
     shard = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     truncate(root / "step_00000008" / shard)
 
-    launch(workspace, "damaged", "--train.steps", "12", *COMMON)
+    launch(workspace, "damaged", *reference_run.args)
     log = (workspace / "damaged.log").read_text()
     assert f"checkpoint step_00000008 is damaged, not loading it: {shard}: " in log
     assert "resumed from step_00000004" in log and "Traceback" not in log
-    whole, resumed = losses(workspace, "whole"), losses(workspace, "damaged")
+    rows = [json.loads(line) for line in (workspace / "damaged" / "train_log.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows[8:]] == list(range(5, 13))  # what the resumed run logged
+    resumed = losses(workspace, "damaged")
     for step in range(1, 13):
-        assert resumed[step] == pytest.approx(whole[step], abs=1e-6), step
+        assert resumed[step] == pytest.approx(reference_run.losses[step], abs=1e-6), step
     assert (root / "damaged_step_00000008" / shard).is_file()
     assert checkpointing.latest_tag(workspace / "damaged") == "step_00000012"
 
     flip_a_byte(root / "step_00000012" / MODEL)
     refuse = ("--output.on_damaged_checkpoint", "refuse")
-    proc = launch(workspace, "damaged", "--train.steps", "16", *COMMON, *refuse, wait=False)
+    proc = launch(workspace, "damaged", *reference_run.args, "--train.steps", "16", *refuse, wait=False)
     try:
         assert proc.wait(timeout=300) != 0
     except subprocess.TimeoutExpired:

@@ -74,3 +74,36 @@ def test_no_citation_of_the_old_external_design_file():
             if any(form in line for form in OLD_FORMS):
                 bad.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not bad, "old design citations; cite `docs/design.md §N` instead:\n" + "\n".join(bad)
+
+
+ROBUSTNESS = ROOT / "docs" / "robustness.md"
+# In a row's last cell: `tests/FILE.py::test_name`, or `::test_name` for another test of the file named last
+# (in this row or, for "same test, `::...`", the row above).
+TEST_REFERENCE = re.compile(r"(tests/[\w/]+\.py)(?:::(\w+))?|`::(\w+)")
+
+
+def robustness_references() -> list[tuple[int, str, str | None]]:
+    """(line number, test file, test name or None) for every test a table row of robustness.md names."""
+    found, file = [], None
+    for number, line in enumerate(ROBUSTNESS.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.startswith("|") or set(line) <= set("|- "):
+            continue
+        for named_file, name, same_file_name in TEST_REFERENCE.findall(line.rstrip(" |").rsplit("|", 1)[-1]):
+            file = named_file or file
+            assert file, f"docs/robustness.md:{number}: '::{same_file_name}' follows no tests/FILE.py"
+            found.append((number, file, name or same_file_name or None))
+    return found
+
+
+def test_every_robustness_row_names_tests_that_exist():
+    """A row that names a renamed or deleted test no longer says how the behaviour is checked."""
+    references = robustness_references()
+    assert len(references) > 30  # the parser still finds the table's tests
+    missing = []
+    for number, file, name in references:
+        path = ROOT / file
+        if not path.is_file():
+            missing.append(f"docs/robustness.md:{number}: {file} does not exist")
+        elif name and not re.search(rf"^def {name}\(", path.read_text(encoding="utf-8"), re.MULTILINE):
+            missing.append(f"docs/robustness.md:{number}: {file} has no test {name}")
+    assert not missing, "\n".join(missing)

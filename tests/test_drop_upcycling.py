@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from conftest import save_hf_model
+from hf_models import save_hf_model
 from safetensors.torch import load_file
 
 from pipeline import load_model

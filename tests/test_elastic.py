@@ -3,8 +3,9 @@ runs; the resume goes through DeepSpeed's universal checkpoint, converted once a
 checkpoint, and continues exactly: the remaining steps' losses equal the uninterrupted run's.
 
 The fast tests check the data order (a step's global batch does not depend on how it is split over ranks
-and micro-batches) and the refusals; the slow one trains a 2-rank EP 2 ZeRO-2 run and resumes copies of it
-with EP 1, on 1 rank, with ZeRO-3, and at the same topology after the run directory was moved.
+and micro-batches) and the refusals; the slow one resumes copies of the session's reference run (2 ranks,
+EP 2, ZeRO-2; tests/helpers/workspace.py) from its step 8 with EP 1, on 1 rank, with ZeRO-3, and at the
+same topology after the run directory was moved.
 """
 
 from __future__ import annotations
@@ -16,24 +17,17 @@ import time
 import numpy as np
 import pytest
 from launching import launch, losses
+from workspace import REFERENCE, copy_run
 
 from data_prep.reader import DistributedBatches
 from pipeline import checkpointing, universal_checkpoint
 from pipeline.errors import UserError
 
-STEPS, SAVED_AT = 8, 4
-# tiny_cpu's schedule (2 warmup steps, then cosine): the learning rate differs at every resumed step.
-COMMON = (
-    "--train.steps",
-    str(STEPS),
-    "--output.checkpoint_interval",
-    str(SAVED_AT),
-    "--output.eval_interval",
-    "0",
-    "--output.keep_checkpoints",
-    "0",
-)
-EP2_ZERO2 = ("--parallel.ep_size", "2", "--parallel.zero_stage", "2")
+# The reference run's schedule (2 warmup steps, then cosine): the learning rate differs at every resumed
+# step. It checkpoints every 4 steps and keeps them all.
+STEPS, SAVED_AT = REFERENCE["train.steps"], 8
+TAG = f"step_{SAVED_AT:08d}"
+EP2_ZERO2 = ("--parallel.ep_size", "2", "--parallel.zero_stage", "2")  # the reference run's topology
 REPORT: dict = {}
 
 
@@ -115,8 +109,8 @@ def test_zero3_to_zero12_is_refused(tmp_path):
 # ---- the real thing: 2 CPU ranks, DeepSpeed, AutoEP -----------------------------------------------------
 
 
-def learning_rates(workspace, name: str) -> dict[int, float]:
-    rows = [json.loads(line) for line in (workspace / name / "train_log.jsonl").read_text().splitlines()]
+def learning_rates(run_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "train_log.jsonl").read_text().splitlines()]
     return {row["step"]: row["lr"] for row in rows}
 
 
@@ -124,31 +118,25 @@ def relative_mismatch(resumed: dict, full: dict) -> float:
     return max(abs(resumed[s] - full[s]) / abs(full[s]) for s in range(SAVED_AT + 1, STEPS + 1))
 
 
-def resume_copy(workspace, base: str, name: str, *overrides: str, launcher: str = "deepspeed", move=False):
-    """Copy run `base` to `name` as it was when step SAVED_AT was saved (moved there through another
+def resume_copy(workspace, reference, name: str, *overrides: str, launcher: str = "deepspeed", move=False):
+    """Copy the reference run to `name` as it was when step SAVED_AT was saved (moved there through another
     directory with `move`), then run the same command on it with `overrides`; its losses."""
     source = workspace / (f"{name}_before_move" if move else name)
-    shutil.copytree(workspace / base, source)
-    shutil.rmtree(source / "checkpoints" / f"step_{STEPS:08d}")  # resume from step SAVED_AT
-    (source / "checkpoints" / "latest").write_text(f"step_{SAVED_AT:08d}")
-    rows = (source / "train_log.jsonl").read_text().splitlines()[:SAVED_AT]
-    (source / "train_log.jsonl").write_text("".join(r + "\n" for r in rows))
+    copy_run(reference.dir, source, at_step=SAVED_AT)
     if move:
         (workspace / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.move(source, workspace / name)
     started = time.monotonic()
-    launch(workspace, name, *COMMON, *overrides, launcher=launcher)
+    launch(workspace, name, *reference.args, *overrides, launcher=launcher)
     REPORT[f"{name}_run_s"] = round(time.monotonic() - started, 1)
     return losses(workspace, name)
 
 
 @pytest.mark.slow
-def test_resume_under_another_topology_continues_exactly(train_workspace):
-    ws = train_workspace
-    launch(ws, "base", *COMMON, *EP2_ZERO2)
-    full = losses(ws, "base")
+def test_resume_under_another_topology_continues_exactly(train_workspace, reference_run):
+    ws, full = train_workspace, reference_run.losses
     assert sorted(full) == list(range(1, STEPS + 1))
-    step_dir = ws / "base" / "checkpoints" / f"step_{SAVED_AT:08d}"
+    step_dir = reference_run.dir / "checkpoints" / f"step_{SAVED_AT:08d}"
     REPORT["checkpoint_mib"] = round(sum(f.stat().st_size for f in step_dir.rglob("*")) / 2**20, 2)
 
     cases = {
@@ -157,12 +145,13 @@ def test_resume_under_another_topology_continues_exactly(train_workspace):
         "zero3": (("--parallel.ep_size", "2", "--parallel.zero_stage", "3"), "deepspeed"),
     }
     for name, (overrides, launcher) in cases.items():
-        resumed = resume_copy(ws, "base", name, *overrides, launcher=launcher)
+        resumed = resume_copy(ws, reference_run, name, *overrides, launcher=launcher)
         log = (ws / f"{name}.log").read_text()
-        assert "converting step_00000004 to DeepSpeed's universal checkpoint" in log, name
-        assert "resumed from step_00000004 through its universal checkpoint: step 4, 32 samples" in log
+        assert f"converting {TAG} to DeepSpeed's universal checkpoint" in log, name
+        resumed_from = f"resumed from {TAG} through its universal checkpoint: step {SAVED_AT}, {SAVED_AT * 8}"
+        assert f"{resumed_from} samples" in log  # 8 samples a step (train.global_batch)
         REPORT[f"{name}_rel_mismatch"] = relative_mismatch(resumed, full)
-        assert learning_rates(ws, name) == learning_rates(ws, "base"), name  # the schedule's step
+        assert learning_rates(ws / name) == learning_rates(reference_run.dir), name  # the schedule's step
         universal = ws / name / "checkpoints" / f"step_{SAVED_AT:08d}" / universal_checkpoint.UNIVERSAL
         REPORT[f"{name}_universal_mib"] = round(
             sum(f.stat().st_size for f in universal.rglob("*")) / 2**20, 2
@@ -173,18 +162,18 @@ def test_resume_under_another_topology_continues_exactly(train_workspace):
         assert state["topology"]["parallel.ep_size"] == int(overrides[1])
 
     # Converted once: a second resume from the same checkpoint reuses the cached copy.
-    (ws / "ep1" / "checkpoints" / "latest").write_text(f"step_{SAVED_AT:08d}")
+    (ws / "ep1" / "checkpoints" / "latest").write_text(TAG)
     shutil.rmtree(ws / "ep1" / "checkpoints" / f"step_{STEPS:08d}")
-    launch(ws, "ep1", *COMMON, "--parallel.ep_size", "1")
+    launch(ws, "ep1", *reference_run.args, "--parallel.ep_size", "1")
     log = (ws / "ep1.log").read_text()
-    assert log.count("converting step_00000004") == 1 and "(converted earlier)" in log
+    assert log.count(f"converting {TAG}") == 1 and "(converted earlier)" in log
     assert relative_mismatch(losses(ws, "ep1"), full) <= 1e-5
 
     # A moved run directory resumes at the same topology (nothing in it records an absolute path).
-    resumed = resume_copy(ws, "base", "elsewhere/run", *EP2_ZERO2, move=True)
+    resumed = resume_copy(ws, reference_run, "elsewhere/run", *EP2_ZERO2, move=True)
     assert not (ws / "elsewhere" / "run_before_move").exists()
     log = (ws / "elsewhere" / "run.log").read_text()
-    assert "resumed from step_00000004: step 4" in log and "through its universal" not in log
+    assert f"resumed from {TAG}: step {SAVED_AT}" in log and "through its universal" not in log
     REPORT["moved_rel_mismatch"] = relative_mismatch(resumed, full)
     assert REPORT["moved_rel_mismatch"] <= 1e-5, REPORT
     print("\nelastic resume:", json.dumps(REPORT, indent=1))

@@ -9,39 +9,13 @@ import json
 
 import pytest
 import torch
-from conftest import save_hf_model
+from hf_models import hf_logits, perturb, rel, save_hf_model
 from launching import launch
-from safetensors.torch import load_file, save_file
 
 from pipeline import load_model
 from pipeline.cli import main
 
 TOLERANCE = 1e-4  # relative L2 error of the logits, fp32
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
-
-
-def perturb(moe_dir, seed=0):
-    """Make the upcycled model look trained: distinct experts, a router with spread logits."""
-    g = torch.Generator().manual_seed(seed)
-    path = moe_dir / "model.safetensors"
-    state = load_file(path)
-    for name, t in state.items():
-        if name.endswith("mlp.gate.weight"):
-            state[name] = torch.randn(t.shape, generator=g) * 0.5
-        elif ".experts." in name:
-            state[name] = t + torch.randn(t.shape, generator=g) * t.std() * 0.5
-    save_file(state, path, metadata={"format": "pt"})
-
-
-def hf_logits(out_dir, ids):
-    import transformers
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(ids).logits, model
 
 
 CASES = {

@@ -13,9 +13,8 @@ import re
 
 import pytest
 import torch
-from conftest import save_hf_model
+from hf_models import hf_logits, perturb, rel, save_hf_model
 from launching import launch, losses
-from test_export import hf_logits, perturb, rel
 
 from pipeline import load_model
 from pipeline.cli import main

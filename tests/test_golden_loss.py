@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # `launching`, also when run as a script
+sys.path.insert(0, str(Path(__file__).resolve().parent / "helpers"))  # `launching`, also as a script
 from launching import launch, losses  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -83,7 +83,8 @@ def synthetic_documents(n: int, seed: int) -> list[str]:
 
 def build_workspace(root: Path) -> Path:
     """`data` (token shards), `tok/tokenizer.json`, `dense` and its E8 top-2 upcycled `moe`."""
-    from data_prep.testing import word_level_tokenizer, write_jsonl
+    from corpora import word_level_tokenizer, write_jsonl
+
     from pipeline.cli import main as upcycle
 
     corpus = write_jsonl(str(root / "corpus.jsonl"), synthetic_documents(DOCS, DATA_SEED))

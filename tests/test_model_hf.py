@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import save_hf_model
+from hf_models import save_hf_model
 
 from pipeline import load_model
 from pipeline.errors import UserError

@@ -1,6 +1,6 @@
 """Multi-node training for real: two hosts with their own addresses, joined by a network link.
 
-The hosts are two Linux network namespaces joined by a veth pair (tests/netns.py): each has its own
+The hosts are two Linux network namespaces joined by a veth pair (tests/helpers/netns.py): each has its own
 network stack and address, and the only way between them is the link, as between two cluster nodes.
 On each host the DeepSpeed launcher runs with the shared hostfile and `--no_ssh --node_rank i`
 (launch/node.sh, what launch/slurm.sbatch runs on each node; there is no SSH between namespaces), one

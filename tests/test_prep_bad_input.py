@@ -9,9 +9,9 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from corpora import tiny_tokenizer, word_level_tokenizer
 
 from data_prep.errors import UserError
-from data_prep.testing import tiny_tokenizer, word_level_tokenizer
 from data_prep.tokenize_stage import TokenizeConfig, run_tokenize
 
 

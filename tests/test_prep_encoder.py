@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+from corpora import make_documents, word_level_tokenizer, write_jsonl
 from tokenizers import Tokenizer, normalizers
 
 from data_prep import cli, encoders
@@ -21,7 +22,6 @@ from data_prep.encoders import (
     select_encoder,
 )
 from data_prep.errors import UserError
-from data_prep.testing import make_documents, word_level_tokenizer, write_jsonl
 from data_prep.tokenize_stage import encode_chunk
 from data_prep.tokenizer import train_bpe
 

@@ -2,7 +2,7 @@
 
 Real `mpirun` ranks (Open MPI) on a 500-document corpus with --shard-tokens 2500: about 22 steps, the
 2-rank split at record 250 falls inside a step, so that step is written from both ranks' spills. Also
-across the two network-namespace hosts of tests/netns.py (skipped where they cannot be made, as in
+across the two network-namespace hosts of tests/helpers/netns.py (skipped where they cannot be made, as in
 tests/test_multinode.py), and after one rank is killed at a fault point.
 """
 
@@ -16,13 +16,12 @@ import sys
 import time
 
 import pytest
+from corpora import make_documents, prep_outputs, tiny_tokenizer, write_jsonl
 from launching import process_group_alive
 from netns import Unavailable, two_hosts, unavailable_reason
-from test_prep_resume import _outputs
 
 from data_prep.faults import FAULT_ENV, fault_spec
 from data_prep.mpi_prep import FAULT_RANK_ENV, SPILL_PREFIX
-from data_prep.testing import make_documents, tiny_tokenizer, write_jsonl
 from data_prep.tokenize_stage import STATE_FILE, TokenizeConfig, run_tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -98,7 +97,7 @@ def test_two_ranks_write_what_one_process_writes(corpus):
     root, tok = corpus
     code, log, seconds, _ = _mpirun(root, tok, "two")
     assert code == 0, log[-3000:]
-    assert _outputs(root / "two") == _outputs(root / "ref")
+    assert prep_outputs(root / "two") == prep_outputs(root / "ref")
     assert len(_end_records(root / "ref")) > 6
     assert RANK_SPLIT not in _end_records(root / "ref"), "no step crosses the ranks' boundary"
     assert "rank 0: wrote" in log and "rank 1: wrote" in log, log[-3000:]  # both ranks wrote steps
@@ -129,7 +128,7 @@ def test_kill_one_rank_then_rerun_gives_identical_output(corpus):
     code, log, _, _ = _mpirun(root, tok, "kill")
     assert code == 0, log[-3000:]
     assert log.count("already tokenized; reused") == 2, log[-3000:]
-    assert _outputs(root / "kill") == _outputs(root / "ref")
+    assert prep_outputs(root / "kill") == prep_outputs(root / "ref")
 
 
 def test_single_process_run_resumes_under_mpirun_with_three_ranks(corpus):
@@ -143,11 +142,11 @@ def test_single_process_run_resumes_under_mpirun_with_three_ranks(corpus):
     code, log, _, _ = _mpirun(root, tok, "mixed", n=3)
     assert code == 0, log[-3000:]
     assert "resuming" in log
-    assert _outputs(root / "mixed") == _outputs(root / "ref")
+    assert prep_outputs(root / "mixed") == prep_outputs(root / "ref")
 
 
 def test_two_hosts_write_what_one_process_writes(corpus, tmp_path):
-    """mpirun on host 0 starts rank 1 on host 1 (tests/netns.py: its own network namespace, reached
+    """mpirun on host 0 starts rank 1 on host 1 (tests/helpers/netns.py: its own network namespace, reached
     through an ssh stand-in); MPI traffic crosses the veth link, and both hosts write into one --out,
     as on a cluster with a shared filesystem (the namespaces share this machine's)."""
     reason = unavailable_reason()
@@ -177,4 +176,4 @@ def test_two_hosts_write_what_one_process_writes(corpus, tmp_path):
     assert code == 0, log[-3000:]
     assert sent > 10_000 and received > 10_000, (sent, received)  # the allgathered document lengths
     assert "rank 0: wrote" in log and "rank 1: wrote" in log, log[-3000:]
-    assert _outputs(root / "hosts") == _outputs(root / "ref")
+    assert prep_outputs(root / "hosts") == prep_outputs(root / "ref")

@@ -7,11 +7,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from corpora import make_documents, tiny_tokenizer, write_jsonl
 
 from data_prep.errors import UserError
 from data_prep.indexed import MMapShard
 from data_prep.reader import DistributedBatches, PackedTokenDataset
-from data_prep.testing import make_documents, tiny_tokenizer, write_jsonl
 from data_prep.tokenize_stage import TokenizeConfig, run_tokenize
 
 SEQ = 16

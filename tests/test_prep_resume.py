@@ -10,10 +10,10 @@ import sys
 import time
 
 import pytest
+from corpora import make_documents, prep_outputs, tiny_tokenizer, write_jsonl
 
 from data_prep.errors import UserError
 from data_prep.faults import FAULT_ENV, fault_spec
-from data_prep.testing import make_documents, tiny_tokenizer, write_jsonl
 from data_prep.tokenize_stage import STATE_FILE, TokenizeConfig, run_tokenize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -63,18 +63,6 @@ def _prep(root, tok, out, fault=None, workers=2):
     )
 
 
-def _outputs(out) -> dict:
-    files = {
-        n: open(os.path.join(out, n), "rb").read()
-        for n in sorted(os.listdir(out))
-        if n.endswith((".bin", ".idx"))
-    }
-    with open(os.path.join(out, "manifest.json")) as f:
-        manifest = json.load(f)
-    manifest.pop("timing")
-    return files, manifest
-
-
 @pytest.mark.parametrize(
     "point, step", [("prep.after_state", 0), ("prep.before_rename", 2), ("prep.after_rename", 4)]
 )
@@ -90,7 +78,7 @@ def test_kill_and_rerun_gives_identical_output(setup, point, step, capsys):
     resumed = "resuming" in capsys.readouterr().err
     assert resumed == (len(state["steps"]) > 0)
     assert not [n for n in os.listdir(root / out) if n.endswith(".tmp")]
-    assert _outputs(root / out) == _outputs(root / "ref")
+    assert prep_outputs(root / out) == prep_outputs(root / "ref")
 
 
 def test_external_kill_at_a_random_moment(setup):
@@ -105,7 +93,7 @@ def test_external_kill_at_a_random_moment(setup):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     _prep_in_process(root, tok, "ext")
-    assert _outputs(out) == _outputs(root / "ref")
+    assert prep_outputs(out) == prep_outputs(root / "ref")
 
 
 def test_changed_input_refuses_to_resume(setup, tmp_path):

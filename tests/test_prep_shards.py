@@ -9,11 +9,11 @@ import struct
 
 import numpy as np
 import pytest
+from corpora import make_documents, tiny_tokenizer, word_level_tokenizer, write_jsonl
 from tokenizers import Tokenizer
 
 from data_prep import cli
 from data_prep.indexed import choose_dtype
-from data_prep.testing import make_documents, tiny_tokenizer, word_level_tokenizer, write_jsonl
 from data_prep.tokenize_stage import TokenizeConfig, run_tokenize, split_is_valid
 
 

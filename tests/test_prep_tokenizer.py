@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 
+from corpora import make_documents, write_jsonl
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from data_prep import cli
-from data_prep.testing import make_documents, write_jsonl
 
 
 def test_trained_bpe_loads_in_tokenizers_and_transformers(tmp_path, capsys):

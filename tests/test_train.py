@@ -42,24 +42,14 @@ def test_expert_parallel_is_the_same_math(train_workspace):
     assert "MoE fast path" not in (train_workspace / "ep2_stock.log").read_text()
 
 
-def test_training_learns_logs_and_resumes_exactly(train_workspace):
-    """An uninterrupted run against one killed with SIGKILL mid-run and run again with the same command."""
-    steps = (
-        "--train.steps",
-        "12",
-        "--output.checkpoint_interval",
-        "4",
-        "--output.eval_interval",
-        "6",
-        "--train.lr",
-        "3e-3",
-    )
-    launch(train_workspace, "full", *steps, launcher="upcycle")  # the convenience command
-    full = losses(train_workspace, "full")
+def test_training_learns_logs_and_resumes_exactly(train_workspace, reference_run):
+    """The session's uninterrupted reference run (`upcycle train`, the convenience command) against one
+    killed with SIGKILL mid-run and run again with the same command."""
+    full = reference_run.losses
     assert sorted(full) == list(range(1, 13))
     assert sum(full[s] for s in (10, 11, 12)) / 3 < sum(full[s] for s in (1, 2, 3)) / 3 - 0.1
 
-    proc = launch(train_workspace, "killed", *steps, wait=False)
+    proc = launch(train_workspace, "killed", *reference_run.args, wait=False)
     log = train_workspace / "killed" / "train_log.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 6):
@@ -67,7 +57,7 @@ def test_training_learns_logs_and_resumes_exactly(train_workspace):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (train_workspace / "killed" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    launch(train_workspace, "killed", *steps)
+    launch(train_workspace, "killed", *reference_run.args)
     resumed = losses(train_workspace, "killed")
     assert "resumed from step_00000004" in (train_workspace / "killed.log").read_text()
     for step in range(1, 13):
@@ -76,7 +66,7 @@ def test_training_learns_logs_and_resumes_exactly(train_workspace):
     # TensorBoard holds the scalars, read back with tensorboard's own reader.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    events = EventAccumulator(str(train_workspace / "full" / "tensorboard"))
+    events = EventAccumulator(str(reference_run.dir / "tensorboard"))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     for tag in (
@@ -96,7 +86,7 @@ def test_training_learns_logs_and_resumes_exactly(train_workspace):
     loss_events = events.Scalars("train/loss")
     assert [e.step for e in loss_events] == list(range(1, 13))
     assert loss_events[0].value == pytest.approx(full[1], rel=1e-5)
-    assert (train_workspace / "full" / "expert_load.png").stat().st_size > 1000
+    assert (reference_run.dir / "expert_load.png").stat().st_size > 1000
 
 
 def test_sigterm_saves_and_exits_cleanly(train_workspace):

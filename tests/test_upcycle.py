@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import save_hf_model
+from hf_models import save_hf_model
 
 from pipeline import load_model
 from pipeline.cli import main

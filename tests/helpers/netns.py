@@ -124,7 +124,8 @@ class Hosts:
         path = Path(directory) / "netns-ssh"
         path.write_text(
             "#!/bin/sh\n"
-            "# ssh stand-in for the network-namespace hosts of tests/netns.py: [-options] HOST COMMAND...\n"
+            "# ssh stand-in for the network-namespace hosts of tests/helpers/netns.py:\n"
+            "# [-options] HOST COMMAND...\n"
             'while [ "${1#-}" != "$1" ]; do shift; done  # ssh options (-x, ...)\n'
             "host=$1; shift\n"
             'case "$host" in\n'

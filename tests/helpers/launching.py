@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pipeline.ds_adapter import shm_buffer_name
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "pipeline" / "train.py")
 TINY_CONFIG = str(REPO / "launch" / "configs" / "tiny_cpu.yaml")
 

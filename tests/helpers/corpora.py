@@ -1,4 +1,5 @@
-"""Small deterministic corpora and tokenizers for tests and demos (no download, under a second to build)."""
+"""Small deterministic corpora and tokenizers for the tests (no download, under a second to build), and the
+output of `prep tokenize` as comparable data."""
 
 from __future__ import annotations
 
@@ -55,3 +56,17 @@ def word_level_tokenizer(path: str, vocab_size: int) -> str:
     tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
     tok.save(path)
     return path
+
+
+def prep_outputs(out) -> tuple[dict[str, bytes], dict]:
+    """A `prep tokenize` output directory as (shard file name -> bytes, manifest without its timing), for
+    byte-identity checks between runs."""
+    files = {
+        n: open(os.path.join(out, n), "rb").read()
+        for n in sorted(os.listdir(out))
+        if n.endswith((".bin", ".idx"))
+    }
+    with open(os.path.join(out, "manifest.json")) as f:
+        manifest = json.load(f)
+    manifest.pop("timing")
+    return files, manifest

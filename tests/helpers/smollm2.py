@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CACHE_ENV = "UPCYCLE_TEST_CACHE"
 WHEEL_ENV = "UPCYCLE_SMOLLM2_WHEEL"
 ALLOW_SKIP_ENV = "UPCYCLE_ALLOW_SKIP_REAL_MODEL"

@@ -1,0 +1,69 @@
+"""Tiny random `transformers` models, the reference we did not write, and what the tests compare with them:
+logits of a saved model loaded by stock transformers, and a relative error."""
+
+from __future__ import annotations
+
+import torch
+
+TINY = dict(
+    vocab_size=211,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def save_hf_model(family: str, path, seed: int = 0, max_shard_size: str | None = None, **overrides):
+    """Build a tiny random `transformers` model of a family ('llama', 'mistral', 'qwen2', 'qwen3') and save
+    it."""
+    import transformers
+
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[family]
+    kwargs = {**TINY, **overrides}
+    if family == "mistral":
+        kwargs.setdefault("sliding_window", None)
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**kwargs)).eval()
+    # Random norm weights, so that a wrong norm implementation cannot hide behind weight = 1.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.normal_(mean=1.0 if "norm" in name else 0.0, std=0.1)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return model
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def perturb(moe_dir, seed=0):
+    """Make the upcycled model look trained: distinct experts, a router with spread logits."""
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(seed)
+    path = moe_dir / "model.safetensors"
+    state = load_file(path)
+    for name, t in state.items():
+        if name.endswith("mlp.gate.weight"):
+            state[name] = torch.randn(t.shape, generator=g) * 0.5
+        elif ".experts." in name:
+            state[name] = t + torch.randn(t.shape, generator=g) * t.std() * 0.5
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def hf_logits(out_dir, ids):
+    """(logits, model) of the checkpoint in `out_dir` loaded by stock transformers, fp32."""
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(ids).logits, model
