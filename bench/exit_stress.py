@@ -59,24 +59,15 @@ def free_port() -> int:
 
 
 def prepare_workspace(root: Path) -> Path:
-    """Corpus, tokenizer, shards, a tiny dense Llama and its E8 top-2 upcycled version (once)."""
+    """The tests' tiny workspace (tests/helpers/workspace.py): corpus, tokenizer, shards, a tiny dense
+    Llama and its E8 top-2 upcycled version; built once."""
     if (root / "moe" / "config.json").is_file():
         return root
+    sys.path.insert(0, str(REPO / "tests" / "helpers"))
+    from workspace import prepare_train_workspace
+
     root.mkdir(parents=True, exist_ok=True)
-    corpus = root / "corpus.jsonl"
-    steps = [
-        ["prep", "corpus", "--out", str(corpus), "--max-mb", "1"],
-        ["prep", "tokenizer", "--input", str(corpus), "--vocab-size", "384", "--out", str(root / "tok")],
-        ["prep", "tokenize", "--input", str(corpus), "--tokenizer", str(root / "tok"), "--out",
-         str(root / "data"), "--valid-fraction", "0.05", "--no-progress"],
-        ["init", "--out", str(root / "dense"), "--tokenizer", str(root / "tok"), "--hidden-size", "64",
-         "--intermediate-size", "128", "--layers", "2", "--heads", "4", "--kv-heads", "2"],
-        ["convert", "--dense", str(root / "dense"), "--out", str(root / "moe"), "--experts", "8",
-         "--top-k", "2"],
-    ]  # fmt: skip
-    for argv in steps:
-        subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], check=True, cwd=REPO)
-    return root
+    return prepare_train_workspace(root)
 
 
 def command(launcher: str, port: int, workspace: Path, out: Path) -> list[str]:

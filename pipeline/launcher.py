@@ -1,7 +1,7 @@
 """`upcycle train`: validate the run config, then start `pipeline/train.py` under the DeepSpeed launcher.
 
 upcycle train --config tiny_cpu --nproc 2 [--section.key value ...]
-upcycle train --config multi_gpu --hostfile launch/hostfile [--section.key value ...]
+upcycle train --config multi_gpu --hostfile HOSTFILE [--section.key value ...]   (hosts of this machine only)
 
 The launching process outlives the ranks' last save (`supervise`): on SIGTERM (SLURM's pre-emption
 signal) it waits until every rank has saved its checkpoint and exited, so that a scheduler which ends
@@ -40,7 +40,10 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--config", required=True, help="run config YAML")
     p.add_argument("--nproc", type=int, help="processes on this machine (default: all GPUs, or 2 on CPU)")
-    p.add_argument("--hostfile", help="DeepSpeed hostfile for multi-node runs")
+    p.add_argument(
+        "--hostfile",
+        help="DeepSpeed hostfile naming this machine only (several nodes: launch/node.sh on each node)",
+    )
     p.add_argument("--master-port", type=int, default=29500)
     p.add_argument("--dry-run", action="store_true", help="validate and print the command without running it")
     p.add_argument(
