@@ -52,10 +52,16 @@ EXIT_GRACE_S = 10.0  # after a clean run, how long a rank may take to destroy it
 OUTPUT_TAIL = 4000  # characters of a rank's output shown with its failure
 
 
+DIED = "died without reporting"
+
+
 class RankError(Exception):
     """A rank raised, died or timed out. `failures`: rank -> what went wrong (traceback or reason)."""
 
     def __init__(self, world_size: int, failures: dict[int, str], outputs: dict[int, str]):
+        # A rank that died is named first: the others then fail in a collective, and which of the two
+        # reports arrives first is a race (seen under load). Otherwise in order of arrival.
+        failures = dict(sorted(failures.items(), key=lambda item: not item[1].startswith(DIED)))
         self.failures, self.outputs = failures, outputs
         self.rank = next(iter(failures))  # the first to fail: the others usually fail because of it
         parts = [f"rank {rank} of {world_size} {what}" for rank, what in failures.items()]
@@ -135,7 +141,7 @@ class _Run:
             self.procs[rank].join(5)
             code = self.procs[rank].exitcode
             # A rank that cannot unpickle fn dies before it has a log: Python prints that to the forkserver.
-            status, value = "error", f"died without reporting (exit code {code}; did fn import?)"
+            status, value = "error", f"{DIED} (exit code {code}; did fn import?)"
         conn.close()
         if status == "ok":
             self.results[rank] = value
