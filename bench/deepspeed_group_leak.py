@@ -21,21 +21,6 @@ import multiprocessing
 import os
 import socket
 import sys
-from pathlib import Path
-
-COMMUNICATION_THREAD_NAMES = ("gloo", "pt_tcpstore")
-
-
-def communication_threads() -> list[str]:
-    names = []
-    for task in Path("/proc/self/task").glob("*"):
-        try:
-            name = (task / "comm").read_text().strip()
-        except OSError:
-            continue
-        if any(marker in name for marker in COMMUNICATION_THREAD_NAMES):
-            names.append(name)
-    return sorted(names)
 
 
 def rank_main(rank: int, port: int, stage: int, results) -> None:
@@ -44,6 +29,8 @@ def rank_main(rank: int, port: int, stage: int, results) -> None:
     import deepspeed
     import deepspeed.comm
     import torch
+
+    from pipeline.ds_adapter import communication_threads
 
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=60))
     after_init = communication_threads()

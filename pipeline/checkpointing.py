@@ -89,7 +89,7 @@ class Completion:
 
 
 def completion(output_dir: str | Path, steps: int, world: int) -> Completion:
-    final_tag = f"step_{steps:08d}"
+    final_tag = step_tag(steps)
     finished, exited = [], []
     for rank in range(world):
         path = Path(output_dir) / FINISHED_DIR / f"rank_{rank}.json"
@@ -99,9 +99,11 @@ def completion(output_dir: str | Path, steps: int, world: int) -> Completion:
                 finished.append(rank)
                 if record.get("exited"):
                     exited.append(rank)
-    with contextlib.suppress(UserError):
-        return Completion(final_tag, latest_tag(output_dir), finished, exited, world)
-    return Completion(final_tag, None, finished, exited, world)
+    try:
+        latest = latest_tag(output_dir)
+    except UserError:  # a pointer to a damaged checkpoint: not the complete run this asks about
+        latest = None
+    return Completion(final_tag, latest, finished, exited, world)
 
 
 def topology(cfg: RunConfig, world_size: int) -> dict:
@@ -111,6 +113,11 @@ def topology(cfg: RunConfig, world_size: int) -> dict:
         "parallel.zero_stage": cfg.parallel.zero_stage,
         "world_size": world_size,
     }
+
+
+def step_tag(step: int) -> str:
+    """The tag (directory name, `latest`'s content) of the checkpoint saved after `step` steps."""
+    return f"step_{step:08d}"
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -153,7 +160,7 @@ def save(engine, output_dir: str | Path, step: int, run_state: dict, keep: int) 
     shared file system); rank 0 records them all in run_state.json.
     """
     root = checkpoint_root(output_dir)
-    tag = f"step_{step:08d}"
+    tag = step_tag(step)
     previous = latest_tag(output_dir)
     _check_free_space(root, tag, previous)
     rank = dist.get_rank()

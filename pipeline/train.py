@@ -116,11 +116,12 @@ class Trainer:
                 self.save()
         if not (out.eval_interval and self.step % out.eval_interval == 0):
             self.evaluate()
-        if checkpointing.latest_tag(out.dir) != f"step_{self.step:08d}":
+        final = checkpointing.step_tag(self.step)
+        if checkpointing.latest_tag(out.dir) != final:
             self.save()
         self.log.close(self.step)
-        self.finished = f"step_{self.step:08d}"
-        checkpointing.record_finished(out.dir, self.rank, self.finished)
+        self.finished = final
+        checkpointing.record_finished(out.dir, self.rank, final)
 
     def train_step(self) -> dict:
         """One optimizer step: the micro-batches through the engine; returns rank-averaged stats."""
