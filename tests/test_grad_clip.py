@@ -37,15 +37,11 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from launching import TINY_CONFIG, launch
+from launching import TINY_CONFIG
+from workspace import CLIP, CLIPPED, run_args
 
-CLIP = 1e-6
-STEPS = 5
-RUN = (
-    *("--train.steps", str(STEPS), "--train.grad_clip", str(CLIP)),
-    *("--train.lr", "1e-2", "--train.min_lr", "1e-3"),  # a large enough step for the loss to notice
-    *("--output.checkpoint_interval", "0", "--output.eval_interval", "0"),  # validation only at the end
-)
+STEPS = CLIPPED["train.steps"]
+RUN = run_args(CLIPPED)  # the runs: workspace.clipped_run_in (tests/test_train.py uses the fp32 ones too)
 
 
 def read_jsonl(path) -> list[dict]:
@@ -56,25 +52,23 @@ def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-def run_pair(workspace, zero_stage: int, precision: str) -> dict[int, tuple[list[dict], float]]:
+def run_pair(clipped_runs, zero_stage: int, precision: str) -> dict[int, tuple[list[dict], float]]:
     """ep_size -> (train_log.jsonl rows, final validation loss) of two runs differing only in ep_size."""
     runs = {}
     for ep in (1, 2):
-        out = f"{precision}_zero{zero_stage}_ep{ep}"
-        settings = ("--parallel.ep_size", str(ep), "--parallel.zero_stage", str(zero_stage))
-        launch(workspace, out, *RUN, *settings, "--train.precision", precision, launcher="torchrun")
-        rows = read_jsonl(workspace / out / "train_log.jsonl")
+        out = clipped_runs(precision, zero_stage, ep)
+        rows = read_jsonl(out / "train_log.jsonl")
         assert [r["step"] for r in rows] == list(range(1, STEPS + 1)), out
         # Clipping is active at every step (DeepSpeed clips when norm > grad_clip).
         assert all(r["grad_norm"] > 1e4 * CLIP for r in rows), out
-        (val,) = read_jsonl(workspace / out / "val_loss.jsonl")
+        (val,) = read_jsonl(out / "val_loss.jsonl")
         assert val["step"] == STEPS
         runs[ep] = (rows, val["val_loss"])
     return runs
 
 
 @pytest.fixture(scope="module")
-def reference(train_workspace):
+def reference(train_inputs):
     """(per-step (loss, pre-clip grad norm), final validation loss) of the same run in one process without
     DeepSpeed: our model, the trainer's objective over the same per-rank micro-batches, clip_grad_norm_."""
     from data_prep.reader import DistributedBatches, PackedTokenDataset
@@ -83,7 +77,7 @@ def reference(train_workspace):
     from pipeline.run_config import load_run_config
     from pipeline.train import lr_multiplier
 
-    paths = ["--model.path", str(train_workspace / "moe"), "--data.path", str(train_workspace / "data")]
+    paths = ["--model.path", str(train_inputs / "moe"), "--data.path", str(train_inputs / "data")]
     cfg = load_run_config(TINY_CONFIG, [*paths, *RUN])
     t, world = cfg.train, 2
     model = load_model(cfg.model.path, dtype=torch.float32).train()
@@ -131,8 +125,8 @@ def reference(train_workspace):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [1, 2, 3])
-def test_clipped_fp32_training_is_the_same_at_ep1_and_ep2(train_workspace, reference, zero_stage):
-    runs = run_pair(train_workspace, zero_stage, "fp32")
+def test_clipped_fp32_training_is_the_same_at_ep1_and_ep2(clipped_runs, reference, zero_stage):
+    runs = run_pair(clipped_runs, zero_stage, "fp32")
     (ep1, val1), (ep2, val2) = runs[1], runs[2]
     ref_steps, ref_val = reference
     for r1, r2, (ref_loss, ref_norm) in zip(ep1, ep2, ref_steps, strict=True):
@@ -149,8 +143,8 @@ def test_clipped_fp32_training_is_the_same_at_ep1_and_ep2(train_workspace, refer
 # ZeRO-1 and -2 share one norm implementation (stage_1_and_2.py), covered in fp32 for both: bf16 runs the
 # two distinct ones, to keep the suite short.
 @pytest.mark.parametrize("zero_stage", [2, 3])
-def test_clipped_bf16_training_is_the_same_at_ep1_and_ep2(train_workspace, zero_stage):
-    runs = run_pair(train_workspace, zero_stage, "bf16")
+def test_clipped_bf16_training_is_the_same_at_ep1_and_ep2(clipped_runs, zero_stage):
+    runs = run_pair(clipped_runs, zero_stage, "bf16")
     (ep1, val1), (ep2, val2) = runs[1], runs[2]
     first1, first2 = ep1[0], ep2[0]
     assert rel(first2["grad_norm"], first1["grad_norm"]) <= 1e-5, (first1, first2)
@@ -162,7 +156,7 @@ def test_clipped_bf16_training_is_the_same_at_ep1_and_ep2(train_workspace, zero_
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_no_run_config_reaches_deepspeeds_other_clipping_paths(train_workspace, precision):
+def test_no_run_config_reaches_deepspeeds_other_clipping_paths(train_inputs, precision):
     """The launches above cover every clipping path a run config can reach: the ZeRO-1/2 and ZeRO-3
     optimizers. DeepSpeed's other norms are never selected: `clip_fp32_gradients` (issue 8475) runs only
     without ZeRO, BF16_Optimizer only for bf16 ZeRO-1 with fp32 gradient accumulation (`data_types`), and
@@ -172,7 +166,7 @@ def test_no_run_config_reaches_deepspeeds_other_clipping_paths(train_workspace, 
     from pipeline.errors import UserError
     from pipeline.run_config import load_run_config, validate
 
-    _, model_config = read_hf_config(train_workspace / "moe")
+    _, model_config = read_hf_config(train_inputs / "moe")
     for stage in (1, 2, 3):
         cfg = load_run_config(
             TINY_CONFIG, ["--parallel.zero_stage", str(stage), "--train.precision", precision]

@@ -47,7 +47,7 @@ import subprocess
 import sys
 
 import torch.multiprocessing as tmp
-from launching import free_port, launch
+from launching import launch
 from netns import two_hosts
 
 import pytest
@@ -124,7 +124,7 @@ def test_mpirun_only_in_a_string():
 
 def test_docstring_mentions_mpirun():
     '''Not run under mpirun; it only says so.'''
-    free_port
+    launch
 
 
 class TestInAClass:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,36 +16,48 @@ import time
 
 import pytest
 from launching import REPO, TINY_CONFIG, TRAIN, launch, losses, process_group_alive, run_paths
+from workspace import CLIPPED, run_args
 
 pytestmark = pytest.mark.slow
 
 
-def test_expert_parallel_is_the_same_math(train_workspace):
+def test_expert_parallel_is_the_same_math(train_workspace, clipped_runs):
     """EP=2 (experts split across the ranks, all-to-all) and EP=1 give the same losses; so does ZeRO-3,
     and so does DeepSpeed's stock AutoEP forward in place of the fast path (`--moe.fast_path false`).
 
-    The runs also go through the three launchers: deepspeed, torchrun and mpirun.
+    The runs are the fp32 clipped runs of tests/test_grad_clip.py (workspace.CLIPPED: every step clips, so
+    a wrong norm would show here too), and go through the three launchers: deepspeed (EP 2), torchrun
+    (EP 1) and mpirun (ZeRO-3).
     """
-    common = ("--train.steps", "3", "--output.checkpoint_interval", "0", "--output.eval_interval", "0")
-    launch(train_workspace, "ep2", "--parallel.ep_size", "2", *common)
-    launch(train_workspace, "ep1", "--parallel.ep_size", "1", *common, launcher="torchrun")
-    zero3 = ("--parallel.ep_size", "2", "--parallel.zero_stage", "3")
-    launch(train_workspace, "ep2_zero3", *zero3, *common, launcher="mpirun")
-    launch(train_workspace, "ep2_stock", "--parallel.ep_size", "2", "--moe.fast_path", "false", *common)
-    runs = ("ep2", "ep1", "ep2_zero3", "ep2_stock")
-    ep2, ep1, zero3, stock = (losses(train_workspace, name) for name in runs)
-    assert sorted(ep2) == [1, 2, 3]
-    for step in ep2:
-        assert ep1[step] == pytest.approx(ep2[step], abs=2e-5)
-        assert zero3[step] == pytest.approx(ep2[step], abs=2e-5)
-        assert stock[step] == pytest.approx(ep2[step], abs=2e-5)
-    assert "MoE fast path on 2 of 2 AutoEP layers" in (train_workspace / "ep2.log").read_text()
+    ep2, ep1, zero3 = (clipped_runs("fp32", stage, ep) for stage, ep in ((2, 2), (2, 1), (3, 2)))
+    launch(
+        train_workspace,
+        "ep2_stock",
+        *run_args(CLIPPED),
+        "--parallel.ep_size",
+        "2",
+        "--moe.fast_path",
+        "false",
+    )
+    stock = train_workspace / "ep2_stock"
+    ep2_losses, ep1_losses, zero3_losses, stock_losses = (
+        losses(run.parent, run.name) for run in (ep2, ep1, zero3, stock)
+    )
+    assert sorted(ep2_losses) == list(range(1, CLIPPED["train.steps"] + 1))
+    for step in ep2_losses:
+        assert ep1_losses[step] == pytest.approx(ep2_losses[step], abs=2e-5)
+        assert zero3_losses[step] == pytest.approx(ep2_losses[step], abs=2e-5)
+        assert stock_losses[step] == pytest.approx(ep2_losses[step], abs=2e-5)
+    launched_by = {run: run.with_name(f"{run.name}.log").read_text() for run in (ep2, ep1, zero3)}
+    assert "deepspeed.launcher.launch" in launched_by[ep2]
+    assert "MoE fast path on 2 of 2 AutoEP layers" in launched_by[ep2]
     assert "MoE fast path" not in (train_workspace / "ep2_stock.log").read_text()
 
 
 def test_training_learns_logs_and_resumes_exactly(train_workspace, reference_run):
     """The session's uninterrupted reference run (`upcycle train`, the convenience command) against one
-    killed with SIGKILL mid-run and run again with the same command."""
+    killed with SIGKILL mid-run, moved to another directory and run again there with the same command
+    (nothing in a run directory records an absolute path)."""
     full = reference_run.losses
     assert sorted(full) == list(range(1, 13))
     assert sum(full[s] for s in (10, 11, 12)) / 3 < sum(full[s] for s in (1, 2, 3)) / 3 - 0.1
@@ -57,9 +70,13 @@ def test_training_learns_logs_and_resumes_exactly(train_workspace, reference_run
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (train_workspace / "killed" / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    launch(train_workspace, "killed", *reference_run.args)
-    resumed = losses(train_workspace, "killed")
-    assert "resumed from step_00000004" in (train_workspace / "killed.log").read_text()
+    moved = "elsewhere/killed"
+    (train_workspace / "elsewhere").mkdir()
+    shutil.move(train_workspace / "killed", train_workspace / moved)
+    launch(train_workspace, moved, *reference_run.args)
+    resumed = losses(train_workspace, moved)
+    log = (train_workspace / f"{moved}.log").read_text()
+    assert "resumed from step_00000004: step 4" in log and "through its universal" not in log
     for step in range(1, 13):
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
 

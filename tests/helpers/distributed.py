@@ -31,7 +31,6 @@ import multiprocessing.connection
 import os
 import pickle
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from ports import free_port
 
 from pipeline.ds_adapter import remove_leftover_shm
 
@@ -80,7 +80,7 @@ def run_on_ranks(fn, *args, world_size: int = 2, timeout: float = 60.0) -> list:
     ctx.set_forkserver_preload(PRELOAD)
     forkserver.ensure_running()  # once per session, seconds: before the clock starts
     with tempfile.TemporaryDirectory(prefix="ranks_") as tmp:
-        run = _Run(ctx, Path(tmp), world_size, timeout, _free_port())
+        run = _Run(ctx, Path(tmp), world_size, timeout, free_port())
         try:
             run.start(fn, args)
             run.collect()
@@ -190,13 +190,6 @@ def _teardown_failure(exitcode: int | None) -> str:
     if exitcode is None:
         return f"reported, then did not exit within {EXIT_GRACE_S} s (teardown hung)"
     return f"reported, then exited with code {exitcode} (teardown failed: see its output)"
-
-
-def _free_port() -> int:
-    """A port nobody listens on: MASTER_PORT for code that reads it (DeepSpeed names its shm segments so)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _exit_with_the_test(lifeline) -> None:

@@ -7,23 +7,18 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from ports import free_port
 
 from pipeline.ds_adapter import shm_buffer_name
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = str(REPO / "pipeline" / "train.py")
 TINY_CONFIG = str(REPO / "launch" / "configs" / "tiny_cpu.yaml")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 LAUNCHERS = {

@@ -27,7 +27,7 @@ from pathlib import Path
 
 TESTS = Path(__file__).resolve().parents[1]
 # The training workspace (conftest.py): building it runs the whole prep pipeline; its users train.
-LAUNCHING_FIXTURES = frozenset({"train_inputs", "train_workspace", "reference_run"})
+LAUNCHING_FIXTURES = frozenset({"train_inputs", "train_workspace", "reference_run", "clipped_runs"})
 PROCESS_MODULES = frozenset(
     {"subprocess", "multiprocessing", "torch.multiprocessing", "concurrent.futures.process", "mpi4py"}
     | {"launching", "netns"}

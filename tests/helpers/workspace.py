@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launching import launch, losses
+from sharing import build_once
 
 INPUTS = ("corpus.jsonl", "tok", "data", "dense", "moe")
 
@@ -85,11 +86,38 @@ class ReferenceRun:
     losses: dict[int, float]
 
 
-def launch_reference(workspace: Path) -> ReferenceRun:
-    """Train the reference run in `workspace` with `upcycle train`, the convenience command."""
+def reference_run_in(workspace: Path) -> ReferenceRun:
+    """The reference run of `workspace`, trained with `upcycle train` (the convenience command) unless this
+    or another test process did already."""
     args = run_args(REFERENCE)
-    launch(workspace, REFERENCE_OUT, *args, launcher="upcycle")
+    build_once(workspace / REFERENCE_OUT, lambda: launch(workspace, REFERENCE_OUT, *args, launcher="upcycle"))
     return ReferenceRun(workspace / REFERENCE_OUT, args, losses(workspace, REFERENCE_OUT))
+
+
+# The clipped runs: tests/test_grad_clip.py compares each pair differing only in parallel.ep_size with each
+# other and with a plain PyTorch run; tests/test_train.py takes the fp32 ones as its EP 1 / EP 2 / ZeRO-3
+# "same math" runs, launched by each of the three launchers.
+CLIP = 1e-6
+CLIPPED_STEPS = 5
+CLIPPED = {
+    "train.steps": CLIPPED_STEPS,
+    "train.grad_clip": CLIP,
+    "train.lr": 1e-2,  # a large enough step for the loss to notice
+    "train.min_lr": 1e-3,
+    "output.checkpoint_interval": 0,
+    "output.eval_interval": 0,  # validation only at the end
+}
+CLIPPED_LAUNCHERS = {("fp32", 2, 2): "deepspeed", ("fp32", 2, 1): "torchrun", ("fp32", 3, 2): "mpirun"}
+
+
+def clipped_run_in(workspace: Path, precision: str, zero_stage: int, ep_size: int) -> Path:
+    """The output.dir of the clipped run with these settings in `workspace`, trained unless this or another
+    test process did already (its log: `<output.dir>.log`)."""
+    out = f"clipped_{precision}_zero{zero_stage}_ep{ep_size}"
+    settings = {**CLIPPED, "parallel.ep_size": ep_size, "parallel.zero_stage": zero_stage}
+    args = run_args({**settings, "train.precision": precision})
+    launcher = CLIPPED_LAUNCHERS.get((precision, zero_stage, ep_size), "torchrun")
+    return build_once(workspace / out, lambda: launch(workspace, out, *args, launcher=launcher))
 
 
 def copy_run(source: Path, dest: Path, at_step: int) -> Path:
