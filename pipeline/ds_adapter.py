@@ -2,14 +2,12 @@
 
 - the DeepSpeed config, generated from the run config (ZeRO and precision templates + batch sizes,
   optimizer and the AutoEP `expert_parallel` section), so the two cannot disagree;
-- the name map between our MoE block and DeepSpeed AutoEP's layer (docs/design.md §4), used by the
-  trainer, `upcycle export` and the fast path;
+- AutoEP's config for our MoE blocks (the name map itself: `pipeline.state_dict_adapters`);
 - router-logit capture (AutoEP's router does not hand logits back) and the fast-path install;
 - process-group start-up, DeepSpeed's leaked CPU shared-memory segment, and peer-failure reporting.
 
 Model code (`pipeline.model`, `pipeline.moe`) never imports this module or deepspeed: parallelism is
-applied from here. deepspeed itself is imported inside the functions that need it, so that `upcycle
-export` can use the name map without starting it.
+applied from here. deepspeed itself is imported inside the functions that need it.
 """
 
 from __future__ import annotations
@@ -26,23 +24,18 @@ import torch.distributed as dist
 
 from pipeline import resources
 from pipeline.config import ModelConfig
-from pipeline.errors import UserError
 from pipeline.moe import load_balancing_loss, route, router_z_loss
 from pipeline.run_config import RunConfig
-
-# ---- the name map: our MoE block <-> DeepSpeed AutoEP (docs/design.md §4) ---------------------------
-# Ours:   model.layers.{i}.mlp.gate.weight [N, H]; mlp.experts.gate_up_proj [N, 2I, H] (gate rows, then
-#         up rows); mlp.experts.down_proj [N, H, I].
-# AutoEP: mlp.router.gate.weight [N, H]; mlp.experts.w1 (gate) and w3 (up) [N, I, H]; w2 (down) [N, H, I].
-MOE_LAYER_PATTERN = r"model\.layers\.\d+\.mlp"  # our MoE blocks, as AutoEP's regex
-OUR_ROUTER, OUR_EXPERTS = "gate", "experts"
-OUR_GATE_UP, OUR_DOWN = "gate_up_proj", "down_proj"
-AUTOEP_ROUTER = "router.gate"  # AutoEP moves our `mlp.gate` Linear under its router module
-AUTOEP_GATE, AUTOEP_UP, AUTOEP_DOWN = "w1", "w3", "w2"
-ROUTER_SUFFIX = f"mlp.{AUTOEP_ROUTER}"  # module names of the routers inside the engine
-# The selection bias of `moe.balance: bias` (docs/design.md §3): `model.layers.{i}.mlp.expert_bias` [N] fp32,
-# the same name in both (the attribute AutoEP's forward passes to its router, and our MoEBlock's buffer).
-EXPERT_BIAS = "expert_bias"
+from pipeline.state_dict_adapters import (
+    AUTOEP_ROUTER,
+    EXPERT_BIAS,
+    MOE_LAYER_PATTERN,
+    OUR_DOWN,
+    OUR_EXPERTS,
+    OUR_GATE_UP,
+    OUR_ROUTER,
+    ROUTER_SUFFIX,
+)
 
 
 def autoep_section(top_k: int, routing: str, ep_size: int, cuda: bool, layer_pattern=MOE_LAYER_PATTERN):
@@ -63,26 +56,6 @@ def autoep_section(top_k: int, routing: str, ep_size: int, cuda: bool, layer_pat
         "routed_scaling_factor": 1.0,  # the scale lives in the expert weights
         "use_grouped_mm": cuda,
     }
-
-
-def autoep_to_ours(raw: dict[str, torch.Tensor], where: Path | str) -> dict[str, torch.Tensor]:
-    """A state dict under AutoEP's names -> under ours (`mlp.router.gate` -> `mlp.gate`, w1 + w3 ->
-    gate_up_proj, w2 -> down_proj); other names pass through unchanged."""
-    state = {}
-    for name, tensor in raw.items():
-        base, _, leaf = name.rpartition(".")
-        if not base.endswith(f".{OUR_EXPERTS}"):
-            state[name.replace(f".mlp.{AUTOEP_ROUTER}.", f".mlp.{OUR_ROUTER}.")] = tensor
-        elif leaf == AUTOEP_GATE:
-            up = raw.get(f"{base}.{AUTOEP_UP}")
-            if up is None:
-                raise UserError(f"{where}: {base}.{AUTOEP_UP} (up_proj) is missing")
-            state[f"{base}.{OUR_GATE_UP}"] = torch.cat([tensor, up], dim=1)  # [N, 2I, H]: gate rows, then up
-        elif leaf == AUTOEP_DOWN:
-            state[f"{base}.{OUR_DOWN}"] = tensor  # [N, H, I]
-        elif leaf != AUTOEP_UP:  # w3 went into gate_up_proj above
-            state[name] = tensor
-    return state
 
 
 # ---- the DeepSpeed config ----------------------------------------------------------------------------

@@ -12,13 +12,21 @@ in the chosen dtype. For an upcycled model:
     topk-softmax   MixtralForCausalLM                    Qwen2MoeForCausalLM, norm_topk_prob=true
     softmax-topk   Qwen2MoeForCausalLM, norm_topk_prob=false (softmax over all N, top-K, no renormalising)
 
-Qwen2MoE gets `shared_expert_intermediate_size: 0` (the shared expert is an empty matrix, its output is 0)
-and `mlp_only_layers` for the layers that stayed dense. A Qwen3 model (q/k norms) always becomes
-Qwen3MoeForCausalLM (`norm_topk_prob` from the routing, `mlp_only_layers`, no shared expert). Sliding windows
-are kept: Mixtral's and Qwen3MoE's `sliding_window` (every layer), Qwen2MoE's `use_sliding_window` with an
-explicit `layer_types`. Settings no stock MoE class represents exactly (expert biases from Llama `mlp_bias`,
-an `o_proj` bias from Llama `attention_bias`, a Qwen3 window on some layers only) are refused with the reason,
-and so is a run's non-zero expert bias (`moe.balance bias`) unless `--drop-expert-bias` (docs/design.md §3).
+Qwen2MoE always has a shared expert; ours gets one of the routed experts' width whose weights are all
+zero, so its output, and the sigmoid-gated sum, is exactly 0 (a width of 0 is refused by vLLM and read as
+"the dense width" by llama.cpp); `mlp_only_layers` names the layers that stayed dense. A Qwen3 model (q/k
+norms) always becomes Qwen3MoeForCausalLM (`norm_topk_prob` from the routing, `mlp_only_layers`, no shared
+expert). Sliding windows are kept: Mixtral's and Qwen3MoE's `sliding_window` (every layer), Qwen2MoE's
+`use_sliding_window` with an explicit `layer_types`. Settings no stock MoE class represents exactly (expert
+biases from Llama `mlp_bias`, an `o_proj` bias from Llama `attention_bias`, a Qwen3 window on some layers
+only) are refused with the reason, and so is a run's non-zero expert bias (`moe.balance bias`) unless
+`--drop-expert-bias` (docs/design.md §3).
+
+The weights are written in the Hub layout by default: one tensor per expert, under exactly the names and
+shapes transformers' own `save_pretrained` writes for the class (`state_dict_adapters`), which transformers
+4.x and the serving engines read; `config.json` also carries the keys transformers 4.x reads (`rope_theta`,
+`rope_scaling`, `torch_dtype`, Qwen3MoE's `num_experts`, Qwen2MoE's `max_window_layers`). `--layout fused`
+writes transformers 5's in-memory layout instead.
 
 Training checkpoints: `output.dir`, `output.dir/checkpoints` or one `step_*` directory (docs/design.md §6).
 ZeRO-1/2 weights are read from DeepSpeed's model-state and per-expert files; ZeRO-3 checkpoints (no
@@ -42,7 +50,6 @@ import torch
 
 from pipeline import checkpointing
 from pipeline.config import ModelConfig, read_hf_config
-from pipeline.ds_adapter import EXPERT_BIAS, autoep_to_ours
 from pipeline.errors import UserError
 from pipeline.hf_io import (
     DTYPE_CHOICES,
@@ -55,6 +62,7 @@ from pipeline.hf_io import (
     resolve_dtype,
 )
 from pipeline.init_model import ARCHITECTURES
+from pipeline.state_dict_adapters import EXPERT_BIAS, LAYOUTS, autoep_to_ours, ours_to_hub
 
 
 def add_parser(subparsers) -> None:
@@ -80,9 +88,18 @@ def add_parser(subparsers) -> None:
     p.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto", help="auto: the model's dtype")
     p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per output safetensors shard")
     p.add_argument(
+        "--layout",
+        choices=LAYOUTS,
+        default="hub",
+        help="hub: one tensor per expert under the names transformers' own save_pretrained writes for the "
+        "class (what transformers 4.x, vLLM, SGLang and llama.cpp read); fused: transformers 5's in-memory "
+        "layout (experts.gate_up_proj [N, 2I, H], experts.down_proj [N, H, I])",
+    )
+    p.add_argument(
         "--verify",
         action="store_true",
-        help="load the export with transformers and compare its fp32 logits with ours on random tokens",
+        help="load the export with the stock class (an error on any missing, unexpected or mismatched "
+        "tensor) and compare its fp32 logits with ours on random tokens",
     )
     p.add_argument("--force", action="store_true", help="overwrite a non-empty --out directory")
     p.add_argument(
@@ -257,7 +274,7 @@ def split_expert_bias(state: dict) -> tuple[dict, dict]:
 
 
 def _to_our_names(raw: dict[str, torch.Tensor], config: ModelConfig, where: Path) -> dict[str, torch.Tensor]:
-    """AutoEP's names back to ours (the map is `ds_adapter.autoep_to_ours`), checked against the config."""
+    """AutoEP's names back to ours (`state_dict_adapters.autoep_to_ours`), checked against the config."""
     state = autoep_to_ours(raw, where)
     shapes = {**expected_shapes(config), **expert_bias_shapes(config, state)}
     if config.tie_word_embeddings:
@@ -346,7 +363,9 @@ def choose_target(config: ModelConfig) -> str:
     return "Qwen2MoeForCausalLM"
 
 
-def hf_config_dict(raw: dict, config: ModelConfig, dtype: torch.dtype) -> tuple[dict, str]:
+def hf_config_dict(
+    raw: dict, config: ModelConfig, dtype: torch.dtype, layout: str = "hub"
+) -> tuple[dict, str]:
     """The config.json of the export and its class name. A dense model's config.json is a stock one: written
     back with the dtype set. An MoE one is built by transformers' own config class."""
     import transformers
@@ -401,7 +420,7 @@ def hf_config_dict(raw: dict, config: ModelConfig, dtype: torch.dtype) -> tuple[
             **common,
             intermediate_size=config.intermediate_size,  # the dense layers' MLP width
             moe_intermediate_size=moe.expert_intermediate_size,
-            shared_expert_intermediate_size=0,
+            shared_expert_intermediate_size=moe.expert_intermediate_size,  # all zero: zero_shared_expert
             num_experts=moe.num_experts,
             norm_topk_prob=moe.routing == "topk-softmax",
             decoder_sparse_step=1,
@@ -419,6 +438,8 @@ def hf_config_dict(raw: dict, config: ModelConfig, dtype: torch.dtype) -> tuple[
     cfg.architectures = [arch]
     d = cfg.to_dict()
     d["dtype"] = dtype_name(dtype)
+    if layout == "hub":  # transformers 4.x reads the Hub layout only
+        d.update(transformers4_keys(config, arch, dtype))
     d["upcycle_moe"] = moe.to_dict()  # provenance only: transformers ignores it
     # A key we set that the config class dropped would silently change the model.
     for key in ("head_dim", "rope_parameters", "num_experts_per_tok", "tie_word_embeddings"):
@@ -427,34 +448,76 @@ def hf_config_dict(raw: dict, config: ModelConfig, dtype: torch.dtype) -> tuple[
     return d, arch
 
 
+def transformers4_keys(config: ModelConfig, arch: str, dtype: torch.dtype) -> dict:
+    """The config.json keys transformers 4.x reads where 5.x reads others, with the same values, so that
+    both build the same model (5.x reads `rope_parameters`, `dtype`, Qwen3MoE's `num_local_experts` and
+    Qwen2MoE's `layer_types`)."""
+    params = rope_parameters(config)
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    keys = {
+        "rope_theta": params["rope_theta"],
+        "rope_scaling": None if params["rope_type"] == "default" else scaling,
+        "torch_dtype": dtype_name(dtype),
+    }
+    if arch == "Qwen3MoeForCausalLM":
+        keys["num_experts"] = config.moe.num_experts
+    if arch == "Qwen2MoeForCausalLM":
+        # transformers 4.x windows the layers from max_window_layers on with flash attention, and every layer
+        # with eager and sdpa attention (one mask for all layers): only "every layer or none" is read alike.
+        n, windowed = config.num_hidden_layers, config.sliding_layers
+        if windowed and tuple(windowed) != tuple(range(n)):
+            raise UserError(
+                f"sliding_window={config.sliding_window} is used by layers {list(windowed)} only: "
+                "Qwen2MoeForCausalLM in transformers 4.x windows every layer (eager and sdpa attention) or "
+                "the layers from max_window_layers on (flash attention), so a Hub-layout export would "
+                "compute another model there; pass --layout fused for a transformers 5 export (layer_types)"
+            )
+        first = 0 if windowed else n
+        keys["max_window_layers"] = first
+    return keys
+
+
 # ---- writing -------------------------------------------------------------------------------------------
 
 
-def export(source: Source, out: Path, dtype: torch.dtype, max_shard_bytes: int) -> tuple[str, list[str]]:
+def export(
+    source: Source, out: Path, dtype: torch.dtype, max_shard_bytes: int, layout: str = "hub"
+) -> tuple[str, list[str]]:
     """Write config.json, safetensors shards (+ index) and the tokenizer to `out`; return (class, files)."""
     config = source.config
-    hf_config, arch = hf_config_dict(source.raw_config, config, dtype)
+    hf_config, arch = hf_config_dict(source.raw_config, config, dtype, layout)
     shapes = expected_shapes(config)
     missing = [n for n in shapes if n not in source.reader]
     if missing:
         raise UserError(f"{source.description}: tensors missing: {missing[:4]}")
     out.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out, max_shard_bytes)
-    H = config.hidden_size
     for name in shapes:
-        writer.add(name, source.reader.get(name).to(dtype))
+        tensor = source.reader.get(name).to(dtype)
+        for written_name, written in ours_to_hub(name, tensor, arch) if layout == "hub" else [(name, tensor)]:
+            writer.add(written_name, written)
     if arch == "Qwen2MoeForCausalLM":
-        # Shared expert of width 0: its output is an empty sum, exactly 0; the sigmoid gate multiplies that 0.
-        for layer in config.moe.layers:
-            p = f"model.layers.{layer}.mlp."
-            writer.add(p + "shared_expert.gate_proj.weight", torch.zeros(0, H, dtype=dtype))
-            writer.add(p + "shared_expert.up_proj.weight", torch.zeros(0, H, dtype=dtype))
-            writer.add(p + "shared_expert.down_proj.weight", torch.zeros(H, 0, dtype=dtype))
-            writer.add(p + "shared_expert_gate.weight", torch.zeros(1, H, dtype=dtype))
+        for name, zeros in zero_shared_expert(config, dtype).items():
+            writer.add(name, zeros)
     files = writer.close()
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     copy_tokenizer_files(source.model_dir, out)
     return arch, files
+
+
+def zero_shared_expert(config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Qwen2MoE's shared expert for a model without one: the routed experts' width, every weight 0, so its
+    output is exactly 0 whatever the input, and so is `sigmoid(gate . x)` times it."""
+    H, W = config.hidden_size, config.moe.expert_intermediate_size
+    shapes = {"gate_proj": (W, H), "up_proj": (W, H), "down_proj": (H, W)}
+    tensors = {}
+    for layer in config.moe.layers:
+        prefix = f"model.layers.{layer}.mlp.shared_expert"
+        tensors.update(
+            {f"{prefix}.{proj}.weight": torch.zeros(shape, dtype=dtype) for proj, shape in shapes.items()}
+        )
+        tensors[f"{prefix}_gate.weight"] = torch.zeros(1, H, dtype=dtype)
+    return tensors
 
 
 def our_model(source: Source, expert_bias: bool = True):
@@ -517,15 +580,44 @@ def bias_change(source: Source, n_tokens: int = 128, seed: int = 0) -> tuple[flo
     return max_diff, changed, slots
 
 
-def compare_logits(source: Source, out: Path, n_tokens: int = 128, seed: int = 0) -> float:
-    """Relative L2 error between our fp32 logits and the exported model's, loaded by stock transformers."""
+def load_stock(out: Path):
+    """The export loaded by stock transformers (fp32, eval); UserError naming every tensor it did not take
+    from the files: missing (transformers would initialise it at random), unexpected (ignored) or of
+    another shape. transformers itself only warns about these."""
     import transformers
 
+    try:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            out, dtype=torch.float32, output_loading_info=True
+        )
+    except RuntimeError as exc:  # a tensor of another shape (transformers 5 raises; 4.x reports it)
+        raise UserError(
+            f"{out}: transformers {transformers.__version__} cannot load the export: {exc}"
+        ) from None
+    problems = {
+        kind: sorted(info.get(kind) or ()) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")
+    }
+    if any(problems.values()):
+        found = "; ".join(
+            f"{kind.replace('_', ' ')}: {names[:4]} ({len(names)})"
+            for kind, names in problems.items()
+            if names
+        )
+        raise UserError(
+            f"{out}: transformers {transformers.__version__} loads {type(model).__name__} from the export "
+            f"with {found}"
+        )
+    return model.eval()
+
+
+def compare_logits(source: Source, out: Path, n_tokens: int = 128, seed: int = 0) -> float:
+    """Relative L2 error between our fp32 logits and the exported model's, loaded by stock transformers
+    (`load_stock`: every tensor from the files)."""
     ids = torch.randint(
         0, source.config.vocab_size, (2, n_tokens // 2), generator=torch.Generator().manual_seed(seed)
     )
     ours = our_model(source)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    theirs = load_stock(out)
     with torch.no_grad():
         a, b = ours(ids), theirs(ids).logits
     return float((b - a).norm() / a.norm())
@@ -540,7 +632,7 @@ def run_cli(args: argparse.Namespace) -> int:
     for line in check_expert_bias(source, args.drop_expert_bias):
         print(line)
     dtype = resolve_dtype(args.dtype, source.config)
-    arch, files = export(source, out, dtype, int(args.max_shard_size * 2**30))
+    arch, files = export(source, out, dtype, int(args.max_shard_size * 2**30), args.layout)
     print(f"exported {source.description} as {arch} ({dtype_name(dtype)}) to {out}: {files}")
     if args.verify:
         print(f"verify: relative logit error (fp32) against our model: {compare_logits(source, out):.3e}")

@@ -9,7 +9,7 @@ import json
 
 import pytest
 import torch
-from hf_models import hf_logits, perturb, rel, save_hf_model
+from hf_models import LLAMA3_ROPE_TIED, hf_logits, perturb, rel, save_hf_model
 from launching import launch
 
 from pipeline import load_model
@@ -29,13 +29,7 @@ CASES = {
     "qwen2-biases": ("qwen2", {}, 8, 2, 1, "topk-softmax", [], "Qwen2MoeForCausalLM"),
     "llama3-rope-tied": (
         "llama",
-        {
-            "tie_word_embeddings": True,
-            "rope_parameters": {
-                "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
-            },
-        },
+        LLAMA3_ROPE_TIED,
         8, 2, 1, "softmax-topk", ["--moe-layers", "1"], "Qwen2MoeForCausalLM",
     ),
 }  # fmt: skip
@@ -72,7 +66,7 @@ def test_export_reproduces_logits(tmp_path, case, capsys):
     with torch.no_grad():
         assert rel(ours_model(ids), ours) > 1e-3
     if family == "llama" and expected_class == "Qwen2MoeForCausalLM":
-        assert config["qkv_bias"] is False and config["shared_expert_intermediate_size"] == 0
+        assert config["qkv_bias"] is False and config["shared_expert_intermediate_size"] == 128 // g
     if "rope_parameters" in overrides:
         assert config["rope_parameters"]["rope_type"] == "llama3" and config["tie_word_embeddings"]
 

@@ -3,6 +3,8 @@ logits of a saved model loaded by stock transformers, and a relative error."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
 TINY = dict(
@@ -14,6 +16,16 @@ TINY = dict(
     num_key_value_heads=2,
     max_position_embeddings=64,
 )
+
+# Tied embeddings and llama3 rope with a short original context: the dense overrides of the export tests'
+# "rope and tied" cases (the export must write both the tie and every rope field).
+LLAMA3_ROPE_TIED = {
+    "tie_word_embeddings": True,
+    "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 16,
+    },
+}  # fmt: skip
 
 
 def save_hf_model(family: str, path, seed: int = 0, max_shard_size: str | None = None, **overrides):
@@ -27,7 +39,7 @@ def save_hf_model(family: str, path, seed: int = 0, max_shard_size: str | None =
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[family]
-    kwargs = {**TINY, **overrides}
+    kwargs = {**TINY, **copy.deepcopy(overrides)}  # config classes may edit nested dicts in place
     if family == "mistral":
         kwargs.setdefault("sliding_window", None)
     torch.manual_seed(seed)
