@@ -14,7 +14,8 @@ in the chosen dtype. For an upcycled model:
 
 Qwen2MoE always has a shared expert; ours gets one of the routed experts' width whose weights are all
 zero, so its output, and the sigmoid-gated sum, is exactly 0 (a width of 0 is refused by vLLM and read as
-"the dense width" by llama.cpp); `mlp_only_layers` names the layers that stayed dense. A Qwen3 model (q/k
+"the dense width" by llama.cpp), tied embeddings are written out as the output matrix (llama.cpp's
+Qwen2MoE loader needs one), and `mlp_only_layers` names the layers that stayed dense. A Qwen3 model (q/k
 norms) always becomes Qwen3MoeForCausalLM (`norm_topk_prob` from the routing, `mlp_only_layers`, no shared
 expert). Sliding windows are kept: Mixtral's and Qwen3MoE's `sliding_window` (every layer), Qwen2MoE's
 `use_sliding_window` with an explicit `layer_types`. Settings no stock MoE class represents exactly (expert
@@ -386,7 +387,7 @@ def hf_config_dict(
         max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.rms_norm_eps,
         rope_parameters=rope_parameters(config),
-        tie_word_embeddings=config.tie_word_embeddings,
+        tie_word_embeddings=config.tie_word_embeddings and not writes_output_matrix(config, arch, layout),
         initializer_range=raw.get("initializer_range", 0.02),
         attention_dropout=0.0,
         num_experts_per_tok=moe.top_k,
@@ -448,6 +449,14 @@ def hf_config_dict(
     return d, arch
 
 
+def writes_output_matrix(config: ModelConfig, arch: str, layout: str) -> bool:
+    """Tied embeddings written out as an explicit `lm_head.weight` (a copy of the embedding, and
+    `tie_word_embeddings: false`): llama.cpp's Qwen2MoE loader needs an output matrix and does not fall back
+    to the embedding as its Llama/Mixtral and Qwen3MoE loaders do. The same function, one more V x H
+    matrix on disk."""
+    return layout == "hub" and arch == "Qwen2MoeForCausalLM" and config.tie_word_embeddings
+
+
 def transformers4_keys(config: ModelConfig, arch: str, dtype: torch.dtype) -> dict:
     """The config.json keys transformers 4.x reads where 5.x reads others, with the same values, so that
     both build the same model (5.x reads `rope_parameters`, `dtype`, Qwen3MoE's `num_local_experts` and
@@ -499,6 +508,8 @@ def export(
     if arch == "Qwen2MoeForCausalLM":
         for name, zeros in zero_shared_expert(config, dtype).items():
             writer.add(name, zeros)
+    if writes_output_matrix(config, arch, layout):
+        writer.add("lm_head.weight", source.reader.get("model.embed_tokens.weight").to(dtype))
     files = writer.close()
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     copy_tokenizer_files(source.model_dir, out)
@@ -506,8 +517,12 @@ def export(
 
 
 def zero_shared_expert(config: ModelConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Qwen2MoE's shared expert for a model without one: the routed experts' width, every weight 0, so its
-    output is exactly 0 whatever the input, and so is `sigmoid(gate . x)` times it."""
+    """Qwen2MoE's shared expert for a model without one: the routed experts' width and every projection 0,
+    so its output is exactly 0 whatever the input, and so is `sigmoid(gate . x)` times it.
+
+    The gate's weight is all ones, not 0: llama.cpp computes that sigmoid as `silu(g) / g`, which is 0/0
+    (NaN, and NaN logits) at g = 0; with ones, g is the sum of the normed hidden state, never exactly 0 in
+    practice, and the product is 0 all the same."""
     H, W = config.hidden_size, config.moe.expert_intermediate_size
     shapes = {"gate_proj": (W, H), "up_proj": (W, H), "down_proj": (H, W)}
     tensors = {}
@@ -516,7 +531,7 @@ def zero_shared_expert(config: ModelConfig, dtype: torch.dtype) -> dict[str, tor
         tensors.update(
             {f"{prefix}.{proj}.weight": torch.zeros(shape, dtype=dtype) for proj, shape in shapes.items()}
         )
-        tensors[f"{prefix}_gate.weight"] = torch.zeros(1, H, dtype=dtype)
+        tensors[f"{prefix}_gate.weight"] = torch.ones(1, H, dtype=dtype)
     return tensors
 
 

@@ -68,7 +68,10 @@ def test_export_reproduces_logits(tmp_path, case, capsys):
     if family == "llama" and expected_class == "Qwen2MoeForCausalLM":
         assert config["qkv_bias"] is False and config["shared_expert_intermediate_size"] == 128 // g
     if "rope_parameters" in overrides:
-        assert config["rope_parameters"]["rope_type"] == "llama3" and config["tie_word_embeddings"]
+        assert config["rope_parameters"]["rope_type"] == "llama3"
+        # Qwen2MoE: the tied embedding written out as the output matrix (llama.cpp's loader needs one)
+        assert config["tie_word_embeddings"] is False
+        assert torch.equal(hf_model.lm_head.weight, hf_model.model.embed_tokens.weight)
 
 
 @pytest.mark.parametrize(

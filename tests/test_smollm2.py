@@ -21,6 +21,7 @@ import json
 import math
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -277,3 +278,52 @@ def test_export_of_the_trained_model_loads_in_transformers(ids, dense_logits, tr
     assert bool((theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.99)
     assert rel(ours, dense) > 1e-6  # the training steps changed the model ...
     assert max(abs(a - b) for a, b in zip(nll, dense_nll, strict=True)) < 0.5  # ... without breaking it
+
+
+# SmolLM2 upcycled E4 top-2 on every layer: topk-softmax becomes Mixtral (llama.cpp's Llama loader with
+# experts), softmax-topk Qwen2MoE (its Qwen2MoE loader, which needs the output matrix of the tied embeddings
+# written out, and a shared expert of a real width).
+ENGINE_CASES = {
+    "mixtral": ("topk-softmax", "MixtralForCausalLM"),
+    "qwen2moe": ("softmax-topk", "Qwen2MoeForCausalLM"),
+}
+PROMPT = "The capital of France is"
+NEW_TOKENS = 12
+
+
+@pytest.mark.parametrize("case", list(ENGINE_CASES))
+def test_llama_cpp_converts_the_export_and_generates_transformers_greedy_tokens(smol, tmp_path, case, capsys):
+    import llama_cpp
+    import transformers
+
+    routing, arch = ENGINE_CASES[case]
+    convert = ["--experts", "4", "--top-k", "2", "--routing", routing, "--seed", "0"]
+    assert upcycle(["convert", "--dense", str(smol.dense), "--out", str(tmp_path / "moe"), *convert]) == 0
+    export = tmp_path / "hf"
+    assert (
+        upcycle(["export", "--checkpoint", str(tmp_path / "moe"), "--out", str(export), "--dtype", "bf16"])
+        == 0
+    )
+    shutil.rmtree(tmp_path / "moe")
+    assert json.loads((export / "config.json").read_text())["architectures"] == [arch]
+
+    started = time.monotonic()
+    llama_cpp.llama_cpp()
+    build_s = time.monotonic() - started  # 0 when cached
+    started = time.monotonic()
+    llama_cpp.convert(export, tmp_path / "model.gguf")
+    text = llama_cpp.generate(tmp_path / "model.gguf", PROMPT, NEW_TOKENS)
+    engine_s = time.monotonic() - started
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(export)
+    model = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    prompt_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(prompt_ids, max_new_tokens=NEW_TOKENS, do_sample=False)
+    expected = tokenizer.decode(out[0, prompt_ids.shape[1] :])
+    FIGURES.append(
+        f"llama.cpp ({arch}): {text.strip()!r}; transformers {expected!r}; build {build_s:.0f} s, "
+        f"convert + generate {engine_s:.0f} s"
+    )
+    assert len(out[0]) > len(prompt_ids[0]) + 4  # it generated, not stopped at once
+    assert text.rstrip("\n") == expected.rstrip("\n")  # llama-completion ends its output with newlines

@@ -3,30 +3,25 @@ of our exports: installed once with `pip install --target` into the test cache (
 about 240 MB, ~30 s), and run in a subprocess whose `PYTHONPATH` puts it ahead of the transformers 5
 this environment has, so the two never meet in one interpreter.
 
-Cache entry `TRANSFORMERS4_ENTRY` under `smollm2.cache_root()`, built in a temporary directory and renamed
-into place under a file lock, as the SmolLM2 entry is. Its numpy is pinned to this environment's, which
-torch was built against.
+Cache entry `TRANSFORMERS4_ENTRY` (tests/helpers/cached.py). Its numpy is pinned to this environment's,
+which torch was built against.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from cached import cached_entry
 from safetensors.torch import load_file, save_file
-from smollm2 import cache_root
 
 VERSION = "4.57.1"
-TRANSFORMERS4_ENTRY = f"transformers-{VERSION}-v1"  # bump the suffix when the entry's content changes
-DONE = "installed.json"
+TRANSFORMERS4_ENTRY = f"transformers-{VERSION}-v2"  # bump the suffix when the entry's content changes
 
 # Runs inside the subprocess: load the export as transformers 4.x does, report what it did not load.
 LOAD_AND_RUN = """
@@ -55,31 +50,21 @@ class Loaded:
     logits: torch.Tensor
 
 
-def site(root: Path | None = None) -> Path:
+def site() -> Path:
     """The cached site directory holding transformers 4.57.1 and its own dependencies."""
+    return cached_entry(TRANSFORMERS4_ENTRY, install)
+
+
+def install(target: Path) -> dict:
     import numpy
 
-    root = root or cache_root()
-    entry = root / TRANSFORMERS4_ENTRY
-    if (entry / DONE).is_file():
-        return entry
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{TRANSFORMERS4_ENTRY}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be installing it: wait, then use its entry
-        if not (entry / DONE).is_file():
-            tmp = Path(tempfile.mkdtemp(prefix=f".{TRANSFORMERS4_ENTRY}.tmp-", dir=root))
-            pins = [f"transformers=={VERSION}", f"numpy=={numpy.__version__}"]
-            cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-                   "--target", str(tmp), *pins]  # fmt: skip
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            if result.returncode != 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise RuntimeError(f"pip could not install transformers {VERSION}:\n{result.stderr[-2000:]}")
-            (tmp / DONE).write_text(json.dumps({"transformers": VERSION, "numpy": numpy.__version__}))
-            if entry.exists():
-                shutil.rmtree(entry)
-            os.rename(tmp, entry)
-    return entry
+    pins = [f"transformers=={VERSION}", f"numpy=={numpy.__version__}"]
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+           "--target", str(target), *pins]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"pip could not install transformers {VERSION}:\n{result.stderr[-2000:]}")
+    return {"transformers": VERSION, "numpy": numpy.__version__}
 
 
 def load_and_run(export: Path, ids: torch.Tensor, work: Path) -> Loaded:
