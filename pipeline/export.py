@@ -509,7 +509,9 @@ def export(
         for name, zeros in zero_shared_expert(config, dtype).items():
             writer.add(name, zeros)
     if writes_output_matrix(config, arch, layout):
-        writer.add("lm_head.weight", source.reader.get("model.embed_tokens.weight").to(dtype))
+        # A copy: the embedding itself may be the same tensor (a training state in memory at this dtype), and
+        # safetensors refuses to write two names over one storage.
+        writer.add("lm_head.weight", source.reader.get("model.embed_tokens.weight").to(dtype).clone())
     files = writer.close()
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     copy_tokenizer_files(source.model_dir, out)

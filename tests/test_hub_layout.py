@@ -118,6 +118,19 @@ def test_a_window_on_some_qwen2moe_layers_is_refused_in_the_hub_layout_only(tmp_
     assert config["layer_types"] == ["full_attention", "sliding_attention", "sliding_attention"]
 
 
+def test_the_output_matrix_is_written_from_a_state_in_memory(tmp_path, capsys):
+    """A training checkpoint's weights are a state dict in memory; at the export's dtype, `.to(dtype)` hands
+    back the embedding itself, which the written-out output matrix must not share (safetensors refuses)."""
+    from pipeline.export import DictReader, export, open_source
+
+    ours, out = exported(tmp_path, "qwen2moe-llama3-rope-tied")
+    source = open_source(tmp_path / "moe")
+    source.reader = DictReader({name: source.reader.get(name) for name in source.reader.names()})
+    arch, _ = export(source, tmp_path / "from_memory", torch.float32, 2**30)
+    assert arch == "Qwen2MoeForCausalLM"
+    assert torch.equal(tensors(tmp_path / "from_memory")["lm_head.weight"], tensors(out)["lm_head.weight"])
+
+
 def test_fused_layout_is_transformers_5_in_memory_layout(tmp_path, capsys):
     ours, out = exported(tmp_path, "mixtral", layout="fused")
     written = tensors(out)
