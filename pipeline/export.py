@@ -63,7 +63,7 @@ from pipeline.hf_io import (
     resolve_dtype,
 )
 from pipeline.init_model import ARCHITECTURES
-from pipeline.state_dict_adapters import EXPERT_BIAS, LAYOUTS, autoep_to_ours, ours_to_hub
+from pipeline.state_dict_adapters import EXPERT_BIAS, LAYOUTS, autoep_to_ours, ours_to_hub, stack_experts
 
 
 def add_parser(subparsers) -> None:
@@ -212,11 +212,7 @@ def _read_zero12(tag_dir: Path) -> dict[str, torch.Tensor]:
                 raise UserError(f"{f}: unexpected tensor name {name!r} in a per-expert file")
             experts.setdefault((m.group(1), m.group(2)), {})[int(m.group(3))] = tensor
     for (prefix, w), by_index in experts.items():
-        if sorted(by_index) != list(range(len(by_index))):
-            raise UserError(
-                f"{tag_dir}: per-expert files for {prefix}.{w} are incomplete: {sorted(by_index)}"
-            )
-        raw[f"{prefix}.{w}"] = torch.stack([by_index[e] for e in range(len(by_index))])
+        raw[f"{prefix}.{w}"] = stack_experts(by_index, f"{tag_dir}: per-expert files for {prefix}.{w}")
     return raw
 
 
@@ -440,6 +436,7 @@ def hf_config_dict(
     d = cfg.to_dict()
     d["dtype"] = dtype_name(dtype)
     if layout == "hub":  # transformers 4.x reads the Hub layout only
+        check_hub_layout(config, arch)
         d.update(transformers4_keys(config, arch, dtype))
     d["upcycle_moe"] = moe.to_dict()  # provenance only: transformers ignores it
     # A key we set that the config class dropped would silently change the model.
@@ -457,6 +454,24 @@ def writes_output_matrix(config: ModelConfig, arch: str, layout: str) -> bool:
     return layout == "hub" and arch == "Qwen2MoeForCausalLM" and config.tie_word_embeddings
 
 
+def check_hub_layout(config: ModelConfig, arch: str) -> None:
+    """Refuse what transformers 4.x, which reads the Hub layout, would compute differently from 5.x."""
+    # Qwen2MoE in 4.x windows the layers from max_window_layers on with flash attention, and every layer with
+    # eager and sdpa attention (one mask for all layers): only "every layer or none" is read alike.
+    windowed = config.sliding_layers
+    if (
+        arch == "Qwen2MoeForCausalLM"
+        and windowed
+        and tuple(windowed) != tuple(range(config.num_hidden_layers))
+    ):
+        raise UserError(
+            f"sliding_window={config.sliding_window} is used by layers {list(windowed)} only: "
+            "Qwen2MoeForCausalLM in transformers 4.x windows every layer (eager and sdpa attention) or "
+            "the layers from max_window_layers on (flash attention), so a Hub-layout export would "
+            "compute another model there; pass --layout fused for a transformers 5 export (layer_types)"
+        )
+
+
 def transformers4_keys(config: ModelConfig, arch: str, dtype: torch.dtype) -> dict:
     """The config.json keys transformers 4.x reads where 5.x reads others, with the same values, so that
     both build the same model (5.x reads `rope_parameters`, `dtype`, Qwen3MoE's `num_local_experts` and
@@ -471,18 +486,9 @@ def transformers4_keys(config: ModelConfig, arch: str, dtype: torch.dtype) -> di
     if arch == "Qwen3MoeForCausalLM":
         keys["num_experts"] = config.moe.num_experts
     if arch == "Qwen2MoeForCausalLM":
-        # transformers 4.x windows the layers from max_window_layers on with flash attention, and every layer
-        # with eager and sdpa attention (one mask for all layers): only "every layer or none" is read alike.
-        n, windowed = config.num_hidden_layers, config.sliding_layers
-        if windowed and tuple(windowed) != tuple(range(n)):
-            raise UserError(
-                f"sliding_window={config.sliding_window} is used by layers {list(windowed)} only: "
-                "Qwen2MoeForCausalLM in transformers 4.x windows every layer (eager and sdpa attention) or "
-                "the layers from max_window_layers on (flash attention), so a Hub-layout export would "
-                "compute another model there; pass --layout fused for a transformers 5 export (layer_types)"
-            )
-        first = 0 if windowed else n
-        keys["max_window_layers"] = first
+        keys["max_window_layers"] = (
+            0 if config.sliding_layers else config.num_hidden_layers
+        )  # check_hub_layout
     return keys
 
 

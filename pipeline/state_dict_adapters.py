@@ -80,6 +80,14 @@ def ours_to_autoep(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return raw
 
 
+def stack_experts(by_index: dict[int, torch.Tensor], what: str) -> torch.Tensor:
+    """One tensor per expert, by expert index, stacked along a new first dim [N, ...]; UserError naming
+    `what` unless the indices are exactly 0..N-1."""
+    if not by_index or sorted(by_index) != list(range(len(by_index))):
+        raise UserError(f"{what} is incomplete: {sorted(by_index)}")
+    return torch.stack([by_index[e] for e in range(len(by_index))])
+
+
 # ---- the Hub layout of each stock class ----------------------------------------------------------------
 
 
@@ -141,14 +149,12 @@ def hub_to_ours(state: dict[str, torch.Tensor], arch: str, where: Path | str) ->
         else:
             ours[name] = tensor
     for layer in sorted({layer for layer, _ in experts}):
-        stacked = {}
-        for proj in (layout.gate, layout.up, layout.down):
-            by_index = experts.get((layer, proj), {})
-            if not by_index or sorted(by_index) != list(range(len(by_index))):
-                raise UserError(
-                    f"{where}: {layer}.{layout.block}.experts.*.{proj} is incomplete: {sorted(by_index)}"
-                )
-            stacked[proj] = torch.stack([by_index[e] for e in range(len(by_index))])
+        stacked = {
+            proj: stack_experts(
+                experts.get((layer, proj), {}), f"{where}: {layer}.{layout.block}.experts.*.{proj}"
+            )
+            for proj in (layout.gate, layout.up, layout.down)
+        }
         prefix = f"{layer}.mlp.{OUR_EXPERTS}"
         ours[f"{prefix}.{OUR_GATE_UP}"] = torch.cat([stacked[layout.gate], stacked[layout.up]], dim=1)
         ours[f"{prefix}.{OUR_DOWN}"] = stacked[layout.down]

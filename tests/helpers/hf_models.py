@@ -73,9 +73,10 @@ def perturb(moe_dir, seed=0):
 
 
 def hf_logits(out_dir, ids):
-    """(logits, model) of the checkpoint in `out_dir` loaded by stock transformers, fp32."""
-    import transformers
+    """(logits, model) of the checkpoint in `out_dir` loaded by stock transformers, fp32, every tensor from
+    the files (`export.load_stock`)."""
+    from pipeline.export import load_stock
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32).eval()
+    model = load_stock(out_dir)
     with torch.no_grad():
         return model(ids).logits, model
