@@ -296,6 +296,8 @@ def test_llama_cpp_converts_the_export_and_generates_transformers_greedy_tokens(
     import llama_cpp
     import transformers
 
+    from pipeline.export import load_stock
+
     routing, arch = ENGINE_CASES[case]
     convert = ["--experts", "4", "--top-k", "2", "--routing", routing, "--seed", "0"]
     assert upcycle(["convert", "--dense", str(smol.dense), "--out", str(tmp_path / "moe"), *convert]) == 0
@@ -316,7 +318,7 @@ def test_llama_cpp_converts_the_export_and_generates_transformers_greedy_tokens(
     engine_s = time.monotonic() - started
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(export)
-    model = transformers.AutoModelForCausalLM.from_pretrained(export, dtype=torch.float32).eval()
+    model = load_stock(export)  # every tensor from the files
     prompt_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(prompt_ids, max_new_tokens=NEW_TOKENS, do_sample=False)

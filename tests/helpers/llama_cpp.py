@@ -71,27 +71,8 @@ def convert(export: Path, gguf: Path) -> None:
 def generate(gguf: Path, prompt: str, n_tokens: int) -> str:
     """Up to `n_tokens` greedy tokens after `prompt`, as the text llama.cpp prints (the prompt not shown)."""
     binary = llama_cpp() / "build" / "bin" / "llama-completion"
-    cmd = [
-        str(binary),
-        "-m",
-        str(gguf),
-        "-p",
-        prompt,
-        "-n",
-        str(n_tokens),
-        "--top-k",
-        "1",
-        "--temp",
-        "0",
-        "-t",
-        str(os.cpu_count()),
-        "-c",
-        "256",
-        "-ngl",
-        "0",
-        "-no-cnv",
-        "--no-warmup",
-        "--no-display-prompt",
-        "--simple-io",
-    ]  # fmt: skip (its log goes to stderr, the text to stdout)
+    # its log goes to stderr, the text to stdout
+    cmd = [str(binary), "-m", str(gguf), "-p", prompt, "-n", str(n_tokens), "--top-k", "1", "--temp", "0",
+           "-t", str(os.cpu_count()), "-c", "256", "-ngl", "0", "-no-cnv", "--no-warmup",
+           "--no-display-prompt", "--simple-io"]  # fmt: skip
     return run(cmd, stdin=subprocess.DEVNULL).stdout

@@ -98,9 +98,8 @@ def reference_run_in(workspace: Path) -> ReferenceRun:
 # other and with a plain PyTorch run; tests/test_train.py takes the fp32 ones as its EP 1 / EP 2 / ZeRO-3
 # "same math" runs, launched by each of the three launchers.
 CLIP = 1e-6
-CLIPPED_STEPS = 5
 CLIPPED = {
-    "train.steps": CLIPPED_STEPS,
+    "train.steps": 5,
     "train.grad_clip": CLIP,
     "train.lr": 1e-2,  # a large enough step for the loss to notice
     "train.min_lr": 1e-3,
