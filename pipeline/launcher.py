@@ -56,12 +56,12 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run_cli, allow_overrides=True)
 
 
-def hostfile_slots(path: str) -> int:
-    """Total `slots=N` over the hosts of a DeepSpeed hostfile."""
+def read_hostfile(path: str) -> list[tuple[str, int]]:
+    """(host, slots) of each line of a DeepSpeed hostfile (`hostname slots=N`, `#` comments)."""
     file = Path(path)
     if not file.is_file():
         raise UserError(f"--hostfile {path}: file not found (see launch/hostfile.example)")
-    total = 0
+    hosts = []
     for number, line in enumerate(file.read_text().splitlines(), 1):
         line = line.split("#", 1)[0].strip()
         if not line:
@@ -69,16 +69,16 @@ def hostfile_slots(path: str) -> int:
         fields = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
         if not fields.get("slots", "").isdigit():
             raise UserError(f"--hostfile {path}, line {number}: expected 'hostname slots=N', got {line!r}")
-        total += int(fields["slots"])
+        hosts.append((line.split()[0], int(fields["slots"])))
+    return hosts
+
+
+def hostfile_slots(path: str) -> int:
+    """Total `slots=N` over the hosts of a DeepSpeed hostfile."""
+    total = sum(slots for _, slots in read_hostfile(path))
     if total == 0:
         raise UserError(f"--hostfile {path}: lists no hosts")
     return total
-
-
-def hostfile_hosts(path: str) -> list[str]:
-    """The host names of a DeepSpeed hostfile (validated by `hostfile_slots`)."""
-    lines = (line.split("#", 1)[0].split() for line in Path(path).read_text().splitlines())
-    return [fields[0] for fields in lines if fields]
 
 
 def is_this_machine(host: str) -> bool:
@@ -88,7 +88,7 @@ def is_this_machine(host: str) -> bool:
 def refuse_remote_hosts(path: str) -> None:
     """The supervisor sees only the processes of this machine: DeepSpeed's runner starts the ranks of other
     hosts over pdsh/SSH, outside it, and kills them at once on SIGTERM (a pre-emption save cut short)."""
-    remote = [h for h in hostfile_hosts(path) if not is_this_machine(h)]
+    remote = [host for host, _ in read_hostfile(path) if not is_this_machine(host)]
     if remote:
         raise UserError(
             f"--hostfile {path} lists other machines ({', '.join(remote)}): `upcycle train` supervises the "
