@@ -4,6 +4,7 @@ teardown failure after the final checkpoint into a failed run (docs/robustness.m
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from launching import launch
@@ -88,7 +89,9 @@ def test_upcycle_train_exits_0_when_a_rank_aborts_after_the_final_checkpoint(tra
     monkeypatch.setenv(FAULT_ENV, fault_spec(TEARDOWN_FAULT, 1, "abort"))
     launch(train_workspace, "teardown_abort", *SHORT_RUN, launcher="upcycle")  # asserts exit code 0
     log = (train_workspace / "teardown_abort.log").read_text()
-    assert "warning: rank(s) 1 did not exit cleanly" in log, log[-3000:]
+    # DeepSpeed's launcher kills the other ranks as soon as one fails: rank 0 may be killed before it
+    # records its own clean exit (seen under CI load), and is then named too, truthfully
+    assert re.search(r"warning: rank\(s\) (0, )?1 did not exit cleanly", log), log[-3000:]
     out = train_workspace / "teardown_abort"
     assert checkpointing.latest_tag(out) == f"step_{STEPS:08d}"
     assert json.loads((out / checkpointing.FINISHED_DIR / "rank_1.json").read_text())["exited"] is False
