@@ -48,30 +48,42 @@ def _as_field(name: str, value) -> str:
     return f"moe.{name}={value!r}"
 
 
-def check_moe_shape(num_experts: int, top_k: int, granularity: int, describe=_as_field) -> None:
-    """The virtual-group invariants (docs/design.md §2): N = R*G experts, top-K picks whole groups.
+def check_moe_shape(
+    num_experts: int, top_k: int, granularity: int, shared_shards: int = 0, describe=_as_field
+) -> None:
+    """The virtual-group invariants (docs/design.md §2): S of the G shards form the shared expert, the
+    other G - S are routed, N = R*(G - S) experts, top-K picks whole groups of G - S.
 
     `describe(field, value)` names a value where the user set it: `moe.top_k=3` for a config.json
     (the default), `--top-k 3` for the converter's flags. Raises UserError with the first violation.
     """
-    N, K, G = num_experts, top_k, granularity
+    N, K, G, S = num_experts, top_k, granularity, shared_shards
+    group = G - S  # routed shards per copy: the size of a virtual group
 
     def name(field: str) -> str:
-        return describe(field, {"num_experts": N, "top_k": K, "granularity": G}[field])
+        values = {"num_experts": N, "top_k": K, "granularity": G, "shared_shards": S}
+        return describe(field, values[field])
 
+    per_copy = f"{name('granularity')} - {name('shared_shards')}" if S else name("granularity")
+    if G < 1:
+        raise UserError(f"{name('granularity')}: must be >= 1")
+    if not 0 <= S < G:
+        raise UserError(
+            f"{name('shared_shards')}: must be in [0, G) with G = {name('granularity')}: the shared "
+            "expert takes S of the G shards of the dense MLP and at least one shard stays routed"
+        )
     checks = [
-        (G >= 1, f"{name('granularity')}: must be >= 1"),
         (N >= 1 and K >= 1, f"{name('num_experts')} and {name('top_k')} must be >= 1"),
         (K <= N, f"{name('top_k')} is larger than {name('num_experts')}"),
         (
-            N % G == 0,
-            f"{name('num_experts')} is not a multiple of {name('granularity')}: experts come in whole "
-            "copies of the MLP (N = R*G)",
+            N % group == 0,
+            f"{name('num_experts')} is not a multiple of {per_copy}: experts come in whole "
+            "copies of the routed shards of the MLP (N = R*(G - S))",
         ),
         (
-            K % G == 0,
-            f"{name('top_k')} is not a multiple of {name('granularity')}: top-K must pick whole virtual "
-            "groups (K = m*G)",
+            K % group == 0,
+            f"{name('top_k')} is not a multiple of {per_copy}: top-K must pick whole virtual "
+            "groups (K = m*(G - S))",
         ),
     ]
     problem = next((message for ok, message in checks if not ok), None)
@@ -102,8 +114,8 @@ class MoEConfig:
     the checks that need the dense config (F == G*I, layers that exist) are in `ModelConfig`.
     """
 
-    num_experts: int  # N = R * G routed experts
-    top_k: int  # K = m * G
+    num_experts: int  # N = R * (G - S) routed experts
+    top_k: int  # K = m * (G - S)
     granularity: int  # G shards per dense MLP; expert width I = F / G
     routing: str  # "softmax-topk" (default) or "topk-softmax"
     layers: tuple[int, ...]  # decoder layers whose MLP is an MoE block
@@ -114,11 +126,14 @@ class MoEConfig:
     # Drop-Upcycling: share of each expert's neurons re-initialised (0: plain upcycling; configs written
     # before the field existed load with 0, which is what they were converted with).
     drop_ratio: float = 0.0
+    # S of the G shards form one always-active shared expert of width S*I with a sigmoid gate (Qwen2MoE's
+    # design; docs/design.md §2); 0: none (configs written before the field existed).
+    shared_shards: int = 0
 
     def __post_init__(self) -> None:
         if self.routing not in ROUTINGS:
             raise UserError(f"moe.routing={self.routing!r}: expected one of {ROUTINGS}")
-        check_moe_shape(self.num_experts, self.top_k, self.granularity)
+        check_moe_shape(self.num_experts, self.top_k, self.granularity, self.shared_shards)
         if self.expert_intermediate_size < 1:
             raise UserError(f"moe.expert_intermediate_size={self.expert_intermediate_size}: must be >= 1")
         if not self.layers:
@@ -128,9 +143,19 @@ class MoEConfig:
         check_drop_ratio(self.drop_ratio)
 
     @property
+    def group_size(self) -> int:
+        """G - S: routed shards per copy, the experts of one virtual group (sharing one router logit)."""
+        return self.granularity - self.shared_shards
+
+    @property
     def expansion_rate(self) -> int:
-        """R: how many full copies of the dense MLP the experts hold."""
-        return self.num_experts // self.granularity
+        """R: how many copies of the routed shards of the dense MLP the experts hold."""
+        return self.num_experts // self.group_size
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        """S*I: the shared expert's width (0 without one)."""
+        return self.shared_shards * self.expert_intermediate_size
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -192,6 +217,11 @@ class ModelConfig:
             raise UserError(
                 f"moe.granularity={moe.granularity} x moe.expert_intermediate_size="
                 f"{moe.expert_intermediate_size} != intermediate_size={self.intermediate_size} (F = G*I)"
+            )
+        if moe.shared_shards and self.mlp_bias:
+            raise UserError(
+                f"moe.shared_shards={moe.shared_shards} with mlp_bias=true: a shared expert with biases is "
+                "not supported (no stock class, nor DeepSpeed AutoEP's experts, has MLP biases)"
             )
         missing = [i for i in moe.layers if not 0 <= i < self.num_hidden_layers]
         if missing:

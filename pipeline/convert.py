@@ -25,7 +25,7 @@ from pipeline.hf_io import (
     dtype_name,
     resolve_dtype,
 )
-from pipeline.upcycle import make_moe_config, upcycle_mlp, virtual_group_router
+from pipeline.upcycle import make_moe_config, upcycle_mlp, upcycle_shared_expert, virtual_group_router
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
 
@@ -44,6 +44,14 @@ def add_parser(subparsers) -> None:
     p.add_argument("--experts", type=int, required=True, help="N: routed experts per MoE layer")
     p.add_argument("--top-k", type=int, required=True, help="K: experts per token (a multiple of G)")
     p.add_argument("--granularity", type=int, default=1, help="G: shards per dense MLP (default 1)")
+    p.add_argument(
+        "--shared-shards",
+        type=int,
+        default=0,
+        help="S: the first S of the G shards become one always-active shared expert of width S*I with a "
+        "sigmoid gate (DeepSeekMoE's shared-expert isolation, Qwen2MoE's gate); the other G - S are "
+        "routed: N and K are multiples of G - S (default 0: no shared expert)",
+    )
     p.add_argument("--routing", choices=ROUTINGS, default="softmax-topk")
     p.add_argument("--moe-layers", default="all", help="all | every:k | comma list such as 0,3,5")
     p.add_argument(
@@ -87,6 +95,7 @@ def run_cli(args: argparse.Namespace) -> int:
         num_experts=args.experts,
         top_k=args.top_k,
         granularity=args.granularity,
+        shared_shards=args.shared_shards,
         routing=args.routing,
         layers=args.moe_layers,
         router_init_std=args.router_init_std,
@@ -142,7 +151,7 @@ def convert(
         prefix = f"model.layers.{layer}.mlp."
         writer.add(prefix + "gate.weight", virtual_group_router(moe, config.hidden_size, layer).to(dtype))
         for name, tensor in _upcycle_layer(reader, moe, layer, config.mlp_bias, dtype).items():
-            writer.add(prefix + "experts." + name, tensor)
+            writer.add(prefix + name, tensor)
     files = writer.close()
     out_config = dict(raw_config)
     out_config["moe"] = moe.to_dict()
@@ -153,10 +162,15 @@ def convert(
 
 
 def _upcycle_layer(reader: CheckpointReader, moe: MoEConfig, layer: int, has_bias: bool, dtype) -> dict:
+    """The MoE block's tensors but the router, named relative to `model.layers.{layer}.mlp.`."""
     prefix = f"model.layers.{layer}.mlp."
     weights = [reader.get(f"{prefix}{part}.weight") for part in MLP_PARTS]
     biases = [reader.get(f"{prefix}{part}.bias") for part in MLP_PARTS] if has_bias else []
-    return upcycle_mlp(moe, *weights, *biases, dtype=dtype, layer=layer)
+    routed = upcycle_mlp(moe, *weights, *biases, dtype=dtype, layer=layer)
+    tensors = {f"experts.{name}": tensor for name, tensor in routed.items()}
+    if moe.shared_shards:
+        tensors |= upcycle_shared_expert(moe, *weights, dtype=dtype)
+    return tensors
 
 
 def parameter_counts(config: ModelConfig) -> tuple[int, int]:
@@ -165,6 +179,15 @@ def parameter_counts(config: ModelConfig) -> tuple[int, int]:
 
     with torch.device("meta"):
         return CausalLM(config).num_parameters()
+
+
+def _shared_plan(moe: MoEConfig) -> list[str]:
+    if not moe.shared_shards:
+        return []
+    return [
+        f"shared expert: shards 0..{moe.shared_shards - 1} of G={moe.granularity} (width "
+        f"{moe.shared_intermediate_size}), always active, sigmoid gate at 0 (x0.5) with down_proj x2"
+    ]
 
 
 def _drop_plan(moe: MoEConfig) -> list[str]:
@@ -185,10 +208,12 @@ def format_plan(dense: ModelConfig, moe: MoEConfig) -> str:
     dense_total, _ = parameter_counts(dense)
     total, active = parameter_counts(upcycled)
     F_, I = dense.intermediate_size, moe.expert_intermediate_size
+    shards = f"G - S = {moe.group_size} routed shards" if moe.shared_shards else f"G={moe.granularity} shards"
     rows = [
-        f"upcycling plan: N={moe.num_experts} experts (R={moe.expansion_rate} copies x G={moe.granularity} "
-        f"shards), top-K={moe.top_k}, routing={moe.routing}, expert scale c={moe.expert_scale:g}, "
+        f"upcycling plan: N={moe.num_experts} experts (R={moe.expansion_rate} copies x {shards}), "
+        f"top-K={moe.top_k}, routing={moe.routing}, expert scale c={moe.expert_scale:g}, "
         f"router init std {moe.router_init_std:.3g}",
+        *_shared_plan(moe),
         *_drop_plan(moe),
         f"parameters: dense {dense_total / 1e6:,.1f}M -> total {total / 1e6:,.1f}M, "
         f"active {active / 1e6:,.1f}M "
@@ -196,8 +221,9 @@ def format_plan(dense: ModelConfig, moe: MoEConfig) -> str:
         f"{'layer':>5}  mlp",
     ]
     for i in range(dense.num_hidden_layers):
+        shared = f" + shared SwiGLU({moe.shared_intermediate_size})" if moe.shared_shards else ""
         kind = (
-            f"MoE {moe.num_experts} x SwiGLU(I={I}), top-{moe.top_k}"
+            f"MoE {moe.num_experts} x SwiGLU(I={I}), top-{moe.top_k}{shared}"
             if i in moe.layers
             else f"dense SwiGLU(F={F_})"
         )

@@ -34,12 +34,22 @@ from pipeline.state_dict_adapters import (
     OUR_EXPERTS,
     OUR_GATE_UP,
     OUR_ROUTER,
+    OUR_SHARED,
+    OUR_SHARED_GATE,
     ROUTER_SUFFIX,
 )
 
 
-def autoep_section(top_k: int, routing: str, ep_size: int, cuda: bool, layer_pattern=MOE_LAYER_PATTERN):
-    """DeepSpeed's `expert_parallel` (AutoEP) config for our MoE blocks."""
+def autoep_section(
+    top_k: int, routing: str, ep_size: int, cuda: bool, layer_pattern=MOE_LAYER_PATTERN, shared: bool = False
+):
+    """DeepSpeed's `expert_parallel` (AutoEP) config for our MoE blocks; `shared`: they have a shared
+    expert with a sigmoid gate (moe.shared_shards), which AutoEP keeps as modules and adds to its output."""
+    shared_keys = {
+        "has_shared_experts": True,
+        "shared_experts_pattern": OUR_SHARED,
+        "shared_experts_gate_pattern": OUR_SHARED_GATE,
+    }
     return {
         "enabled": True,
         "autoep_size": ep_size,
@@ -55,6 +65,7 @@ def autoep_section(top_k: int, routing: str, ep_size: int, cuda: bool, layer_pat
         "route_norm": routing == "topk-softmax",
         "routed_scaling_factor": 1.0,  # the scale lives in the expert weights
         "use_grouped_mm": cuda,
+        **(shared_keys if shared else {}),
     }
 
 
@@ -94,7 +105,9 @@ def build_ds_config(
         ds["checkpoint"] = {"load_universal": True}
     if model_config.moe is not None:
         moe = model_config.moe
-        ds["expert_parallel"] = autoep_section(moe.top_k, moe.routing, p.ep_size, cuda)
+        ds["expert_parallel"] = autoep_section(
+            moe.top_k, moe.routing, p.ep_size, cuda, shared=moe.shared_shards > 0
+        )
     return ds
 
 

@@ -12,9 +12,11 @@ in the chosen dtype. For an upcycled model:
     topk-softmax   MixtralForCausalLM                    Qwen2MoeForCausalLM, norm_topk_prob=true
     softmax-topk   Qwen2MoeForCausalLM, norm_topk_prob=false (softmax over all N, top-K, no renormalising)
 
-Qwen2MoE always has a shared expert; ours gets one of the routed experts' width whose weights are all
-zero, so its output, and the sigmoid-gated sum, is exactly 0 (a width of 0 is refused by vLLM and read as
-"the dense width" by llama.cpp), tied embeddings are written out as the output matrix (llama.cpp's
+A model with a shared expert (`upcycle convert --shared-shards`) always becomes Qwen2MoeForCausalLM, whose
+sigmoid-gated shared expert is ours under the same names. Qwen2MoE always has a shared expert; a model
+without one gets one of the routed experts' width whose weights are all zero, so its output, and the
+sigmoid-gated sum, is exactly 0 (a width of 0 is refused by vLLM and read as "the dense width" by
+llama.cpp), tied embeddings are written out as the output matrix (llama.cpp's
 Qwen2MoE loader needs one), and `mlp_only_layers` names the layers that stayed dense. A Qwen3 model (q/k
 norms) always becomes Qwen3MoeForCausalLM (`norm_topk_prob` from the routing, `mlp_only_layers`, no shared
 expert). Sliding windows are kept: Mixtral's and Qwen3MoE's `sliding_window` (every layer), Qwen2MoE's
@@ -330,6 +332,13 @@ def choose_target(config: ModelConfig) -> str:
         )
     windowed = config.sliding_layers  # Mixtral and Qwen3MoE window every layer or none; Qwen2MoE any set
     every_layer_windowed = windowed == tuple(range(config.num_hidden_layers))
+    if config.qk_norm and moe.shared_shards:
+        raise UserError(
+            f"moe.shared_shards={moe.shared_shards}: Qwen3MoeForCausalLM, the one stock MoE class with "
+            "Qwen3's q/k norms, has no shared expert, and Qwen2MoeForCausalLM, which has one, has no q/k "
+            "norms, so no stock transformers class computes this model exactly; upcycle a Qwen3 model "
+            "without --shared-shards to export it"
+        )
     if config.qk_norm:
         # Qwen3: only Qwen3MoE has the q/k norms; it has Qwen3's attention_bias (q, k, v and o), both
         # routings (norm_topk_prob) and mlp_only_layers, no shared expert.
@@ -350,13 +359,14 @@ def choose_target(config: ModelConfig) -> str:
     all_layers = tuple(moe.layers) == tuple(range(config.num_hidden_layers))
     if (
         moe.routing == "topk-softmax"
+        and not moe.shared_shards  # Mixtral has no shared expert
         and all_layers
         and not config.qkv_bias
         and (every_layer_windowed or not windowed)
     ):
         return "MixtralForCausalLM"
-    # softmax-topk needs norm_topk_prob=false (Mixtral always renormalises); partial MoE needs mlp_only_layers
-    # and q/k/v biases need qkv_bias: Qwen2MoE has all three.
+    # softmax-topk needs norm_topk_prob=false (Mixtral always renormalises), partial MoE mlp_only_layers,
+    # q/k/v biases qkv_bias and a shared expert shared_expert: Qwen2MoE has all four.
     return "Qwen2MoeForCausalLM"
 
 
@@ -417,7 +427,8 @@ def hf_config_dict(
             **common,
             intermediate_size=config.intermediate_size,  # the dense layers' MLP width
             moe_intermediate_size=moe.expert_intermediate_size,
-            shared_expert_intermediate_size=moe.expert_intermediate_size,  # all zero: zero_shared_expert
+            # ours, or one of the routed width that adds exactly 0 (zero_shared_expert)
+            shared_expert_intermediate_size=moe.shared_intermediate_size or moe.expert_intermediate_size,
             num_experts=moe.num_experts,
             norm_topk_prob=moe.routing == "topk-softmax",
             decoder_sparse_step=1,
@@ -511,7 +522,7 @@ def export(
         tensor = source.reader.get(name).to(dtype)
         for written_name, written in ours_to_hub(name, tensor, arch) if layout == "hub" else [(name, tensor)]:
             writer.add(written_name, written)
-    if arch == "Qwen2MoeForCausalLM":
+    if arch == "Qwen2MoeForCausalLM" and not config.moe.shared_shards:
         for name, zeros in zero_shared_expert(config, dtype).items():
             writer.add(name, zeros)
     if writes_output_matrix(config, arch, layout):

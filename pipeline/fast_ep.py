@@ -16,8 +16,9 @@ same: one gather into expert order, the experts on unpadded groups (unbound weig
 permutation gathers have gather backwards, not scatter-adds. The router call is the stock one, including
 the layer's `expert_bias` (moe.balance bias, docs/design.md §3: `install_expert_bias` registers it), which
 it adds to the probabilities for the top-K choice only.
+A shared expert (and its sigmoid gate) is added by the stock `_finalize_output`, as in the stock forward.
 Layers using features this path does not cover (DeepEP, AutoTP folding, scores applied before the
-experts, fused combine kernels, shared experts, Triton grouped GEMM) keep the stock forward.
+experts, fused combine kernels, Triton grouped GEMM) keep the stock forward.
 
 Shapes: T tokens, H hidden, N experts (N_local on this rank), K per token, S = T*K routed slots,
 R = slots received by this rank after the all-to-all.
@@ -116,7 +117,6 @@ def fast_path_supported(layer: auto_ep_layer.AutoEPMoELayer) -> str | None:
         "AutoTP folding is enabled": layer.folding_group_handles is not None,
         "scores are applied before the experts": layer.score_apply != "post",
         f"combine_impl is {layer.combine_impl!r}": layer.combine_impl != "weighted_sum",
-        "the layer has shared experts": layer.shared_experts is not None,
         "the Triton grouped GEMM is selected": getattr(experts, "use_triton_grouped_mm", False),
         "async_split_plan is enabled": bool(layer.async_split_plan and layer.ep_size > 1),
         "the experts are not GroupedExperts": type(experts)

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pipeline.config import ModelConfig, rope_inv_freq
-from pipeline.moe import MoEBlock
+from pipeline.moe import MoEBlock, SwiGLU
 
 
 class RMSNorm(nn.Module):
@@ -116,20 +116,6 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class MLP(nn.Module):
-    """The dense SwiGLU MLP: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        H, F_ = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(H, F_, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(H, F_, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(F_, H, bias=config.mlp_bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
@@ -145,9 +131,10 @@ class DecoderLayer(nn.Module):
                 moe.expert_intermediate_size,
                 routing=moe.routing,
                 bias=config.mlp_bias,
+                shared_intermediate_size=moe.shared_intermediate_size,
             )
         else:
-            self.mlp = MLP(config)
+            self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)

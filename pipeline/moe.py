@@ -6,6 +6,8 @@ Shapes: T tokens, H hidden, N experts, K experts per token, I expert width.
     experts.gate_up_proj  [N, 2I, H]   rows [0, I) gate, rows [I, 2I) up
     experts.down_proj     [N, H, I]
     experts.act_fn        SiLU
+    shared_expert         SwiGLU of width S*I, always active (only with moe.shared_shards = S > 0)
+    shared_expert_gate    nn.Linear(H, 1, bias=False): shared_expert(x) is scaled by sigmoid(gate(x))
 
 The forward is dropless (every token reaches its K experts). Routing math runs in fp32:
 - "softmax-topk" (default): probs_TN = softmax(logits); keep the top K probabilities, no renormalisation;
@@ -184,6 +186,19 @@ class Experts(nn.Module):
         return torch._grouped_mm(self._swiglu(gate_up_S2I), self.down_proj.transpose(-2, -1), offs=offsets_N)
 
 
+class SwiGLU(nn.Module):
+    """A SwiGLU MLP, down(silu(gate(x)) * up(x)): the dense MLP of a decoder layer and the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
 class MoEBlock(nn.Module):
     """Router + experts, a drop-in replacement for the dense MLP of a decoder layer.
 
@@ -193,6 +208,10 @@ class MoEBlock(nn.Module):
     `expert_bias` [N] fp32: the selection bias of a model trained with `moe.balance: bias` (set with
     `set_expert_bias`, docs/design.md §3); None otherwise, and then not part of the state dict, so the
     checkpoints of `upcycle convert` and every existing load keep their names.
+
+    `shared_intermediate_size` > 0 adds Qwen2MoE's always-active shared expert: out = routed(x) +
+    sigmoid(shared_expert_gate(x)) * shared_expert(x), in the activations' dtype, as transformers'
+    Qwen2MoeSparseMoeBlock and DeepSpeed AutoEP's `_finalize_output` compute it.
     """
 
     def __init__(
@@ -203,11 +222,17 @@ class MoEBlock(nn.Module):
         intermediate_size: int,
         routing: str = "softmax-topk",
         bias: bool = False,
+        shared_intermediate_size: int = 0,
     ):
         super().__init__()
         self.num_experts, self.top_k, self.routing = num_experts, top_k, routing
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
         self.experts = Experts(num_experts, hidden_size, intermediate_size, bias=bias)
+        if shared_intermediate_size:
+            self.shared_expert = SwiGLU(hidden_size, shared_intermediate_size)
+            self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+        else:
+            self.shared_expert = self.shared_expert_gate = None
         self.last_router_logits_TN: torch.Tensor | None = None
         self.last_tokens_per_expert_N: torch.Tensor | None = None
         self.register_buffer("expert_bias", None, persistent=True)
@@ -239,6 +264,8 @@ class MoEBlock(nn.Module):
         # Weighted sum over each token's K slots in fp32, rounded once (as DeepSpeed AutoEP combines).
         y_TKH = PermuteRows.apply(y_SH, inverse_S, order_S).view(B * T, self.top_k, H)
         out_TH = (y_TKH.float() * weights_TK.unsqueeze(-1)).sum(dim=1).to(x_TH.dtype)
+        if self.shared_expert is not None:
+            out_TH = out_TH + torch.sigmoid(self.shared_expert_gate(x_TH)) * self.shared_expert(x_TH)
 
         self.last_router_logits_TN = logits_TN
         self.last_tokens_per_expert_N = tokens_per_expert_N.detach()

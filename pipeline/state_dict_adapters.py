@@ -7,15 +7,19 @@ Legend: N experts, H hidden size, I expert width, L a layer index, e an expert i
         model.layers.L.mlp.gate.weight               [N, H]
         model.layers.L.mlp.experts.gate_up_proj      [N, 2I, H]   gate rows, then up rows
         model.layers.L.mlp.experts.down_proj         [N, H, I]
+        model.layers.L.mlp.shared_expert.{gate,up,down}_proj.weight   [W, H] [W, H] [H, W]  (W = S*I; only
+        model.layers.L.mlp.shared_expert_gate.weight                  [1, H]   with moe.shared_shards)
     AutoEP (DeepSpeed's engine and checkpoints)
         model.layers.L.mlp.router.gate.weight        [N, H]
         model.layers.L.mlp.experts.w1 / w3 / w2      [N, I, H] gate / [N, I, H] up / [N, H, I] down
+        model.layers.L.mlp.shared_experts.{gate,up,down}_proj.weight, mlp.shared_experts_gate.weight
     Hub layout (what transformers' own save_pretrained writes for the class, and what transformers 4.x,
     vLLM, SGLang and llama.cpp's converter read), one tensor per expert:
         Mixtral              model.layers.L.block_sparse_moe.gate.weight                 [N, H]
                              model.layers.L.block_sparse_moe.experts.e.{w1,w3,w2}.weight [I, H] [I, H] [H, I]
         Qwen2MoE, Qwen3MoE   model.layers.L.mlp.gate.weight                              [N, H]
                              model.layers.L.mlp.experts.e.{gate,up,down}_proj.weight     [I, H] [I, H] [H, I]
+        Qwen2MoE's shared expert has our names (`mlp.shared_expert.*`, `mlp.shared_expert_gate.weight`).
 
 Every other tensor (attention, norms, embeddings, dense MLPs) has the same name everywhere.
 """
@@ -34,12 +38,31 @@ from pipeline.errors import UserError
 # ---- ours ----------------------------------------------------------------------------------------------
 OUR_ROUTER, OUR_EXPERTS = "gate", "experts"
 OUR_GATE_UP, OUR_DOWN = "gate_up_proj", "down_proj"
+OUR_SHARED, OUR_SHARED_GATE = "shared_expert", "shared_expert_gate"  # MoEBlock's, Qwen2MoE's names
 MOE_LAYER_PATTERN = r"model\.layers\.\d+\.mlp"  # our MoE blocks, as AutoEP's regex
 
 # ---- AutoEP ----------------------------------------------------------------------------------------------
 AUTOEP_ROUTER = "router.gate"  # AutoEP moves our `mlp.gate` Linear under its router module
 AUTOEP_GATE, AUTOEP_UP, AUTOEP_DOWN = "w1", "w3", "w2"
 ROUTER_SUFFIX = f"mlp.{AUTOEP_ROUTER}"  # module names of the routers inside the engine
+# AutoEPMoELayer keeps our shared expert and its gate as modules under its own attribute names
+AUTOEP_SHARED, AUTOEP_SHARED_GATE = "shared_experts", "shared_experts_gate"
+# (ours, AutoEP's) module names inside an MoE block that are renamed, not reshaped
+_RENAMED = (
+    (f".mlp.{OUR_ROUTER}.", f".mlp.{AUTOEP_ROUTER}."),
+    (f".mlp.{OUR_SHARED}.", f".mlp.{AUTOEP_SHARED}."),
+    (f".mlp.{OUR_SHARED_GATE}.", f".mlp.{AUTOEP_SHARED_GATE}."),
+)
+
+
+def _renamed(name: str, to_autoep: bool) -> str:
+    for ours, autoep in _RENAMED:
+        old, new = (ours, autoep) if to_autoep else (autoep, ours)
+        if old in name:
+            return name.replace(old, new)
+    return name
+
+
 # The selection bias of `moe.balance: bias` (docs/design.md §3): `model.layers.L.mlp.expert_bias` [N] fp32,
 # the same name in both (the attribute AutoEP's forward passes to its router, and our MoEBlock's buffer).
 EXPERT_BIAS = "expert_bias"
@@ -47,12 +70,13 @@ EXPERT_BIAS = "expert_bias"
 
 def autoep_to_ours(raw: dict[str, torch.Tensor], where: Path | str) -> dict[str, torch.Tensor]:
     """A state dict under AutoEP's names -> under ours (`mlp.router.gate` -> `mlp.gate`, w1 + w3 ->
-    gate_up_proj, w2 -> down_proj); other names pass through unchanged."""
+    gate_up_proj, w2 -> down_proj, `shared_experts[_gate]` -> `shared_expert[_gate]`); other names pass
+    through unchanged."""
     state = {}
     for name, tensor in raw.items():
         base, _, leaf = name.rpartition(".")
         if not base.endswith(f".{OUR_EXPERTS}"):
-            state[name.replace(f".mlp.{AUTOEP_ROUTER}.", f".mlp.{OUR_ROUTER}.")] = tensor
+            state[_renamed(name, to_autoep=False)] = tensor
         elif leaf == AUTOEP_GATE:
             up = raw.get(f"{base}.{AUTOEP_UP}")
             if up is None:
@@ -76,7 +100,7 @@ def ours_to_autoep(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         elif base.endswith(f".{OUR_EXPERTS}") and leaf == OUR_DOWN:
             raw[f"{base}.{AUTOEP_DOWN}"] = tensor
         else:
-            raw[name.replace(f".mlp.{OUR_ROUTER}.", f".mlp.{AUTOEP_ROUTER}.")] = tensor
+            raw[_renamed(name, to_autoep=True)] = tensor
     return raw
 
 

@@ -1,8 +1,9 @@
 """The upcycling math (He et al. 2024): dense SwiGLU MLP -> N experts with a virtual-group router.
 
 Notation (docs/design.md §1; the math in §2): dense width F, hidden H, granularity G (expert width
-I = F/G), expansion rate R (full copies), N = R*G experts, top-K with K = m*G. Expert e = r*G + s holds
-shard s of copy r.
+I = F/G), S shards in the shared expert (0: none), expansion rate R (copies of the G - S routed shards),
+N = R*(G - S) experts, top-K with K = m*(G - S). Expert e = r*(G - S) + s holds routed shard s of copy r,
+which is shard S + s of the dense MLP; the shared expert holds shards 0..S-1.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ from pipeline.config import ROUTINGS, ModelConfig, MoEConfig, check_drop_ratio, 
 from pipeline.errors import UserError
 
 
-def expert_scale(num_experts: int, top_k: int, granularity: int, routing: str) -> float:
-    """c such that the upcycled block computes dense(x) at step 0 once up and down are scaled by sqrt(c).
+def expert_scale(num_experts: int, top_k: int, group_size: int, routing: str) -> float:
+    """c such that the routed experts compute their shards of dense(x) at step 0 once up and down are
+    scaled by sqrt(c); `group_size` is g = G - S, the routed shards of a copy (G without a shared expert).
 
-    With virtual groups the unscaled MoE output is dense(x) / c:
-    topk-softmax: the K selected weights sum to 1 over K/G whole groups of G shards -> c = G (exact);
-    softmax-topk: K probabilities of about 1/N each -> c = N*G/K (exact while probabilities are uniform).
+    With virtual groups the unscaled routed output is (the routed shards' part of dense(x)) / c:
+    topk-softmax: the K selected weights sum to 1 over K/g whole groups of g shards -> c = g (exact);
+    softmax-topk: K probabilities of about 1/N each -> c = N*g/K (exact while probabilities are uniform).
     """
     if routing == "topk-softmax":
-        return float(granularity)
-    return num_experts * granularity / top_k
+        return float(group_size)
+    return num_experts * group_size / top_k
 
 
 def parse_moe_layers(spec: str, num_layers: int) -> tuple[int, ...]:
@@ -55,6 +57,7 @@ FLAGS = {
     "num_experts": "--experts",
     "top_k": "--top-k",
     "granularity": "--granularity",
+    "shared_shards": "--shared-shards",
     "drop_ratio": "--drop-ratio",
 }
 
@@ -71,9 +74,10 @@ def make_moe_config(
     seed: int = 0,
     weight_scaling: bool = True,
     drop_ratio: float = 0.0,
+    shared_shards: int = 0,
 ) -> MoEConfig:
     """Validate an upcycling request against the dense config; every problem names its flag."""
-    F_, N, K, G = config.intermediate_size, num_experts, top_k, granularity
+    F_, N, K, G, S = config.intermediate_size, num_experts, top_k, granularity, shared_shards
     if router_init_std is None:
         router_init_std = default_router_init_std(config.hidden_size)
     if config.moe is not None:
@@ -83,7 +87,12 @@ def make_moe_config(
         )
     if routing not in ROUTINGS:
         raise UserError(f"--routing {routing!r}: expected one of {ROUTINGS}")
-    check_moe_shape(N, K, G, describe=lambda field, value: f"{FLAGS[field]} {value}")
+    check_moe_shape(N, K, G, S, describe=lambda field, value: f"{FLAGS[field]} {value}")
+    if S and config.mlp_bias:
+        raise UserError(
+            f"--shared-shards {S}: the dense MLP has biases (mlp_bias=true), and a shared expert with "
+            "biases is not supported (no stock class, nor DeepSpeed AutoEP's experts, has MLP biases)"
+        )
     check_drop_ratio(drop_ratio, describe=lambda field, value: f"{FLAGS[field]} {value}")
     if F_ % G:
         raise UserError(
@@ -91,7 +100,7 @@ def make_moe_config(
         )
     if not router_init_std > 0:
         raise UserError(f"--router-init-std {router_init_std}: must be > 0")
-    scale = expert_scale(N, K, G, routing) if weight_scaling else 1.0
+    scale = expert_scale(N, K, G - S, routing) if weight_scaling else 1.0
     return MoEConfig(
         num_experts=N,
         top_k=K,
@@ -103,6 +112,7 @@ def make_moe_config(
         router_init_std=router_init_std,
         seed=seed,
         drop_ratio=drop_ratio,
+        shared_shards=S,
     )
 
 
@@ -117,14 +127,14 @@ def default_router_init_std(hidden_size: int) -> float:
 
 
 def virtual_group_router(moe: MoEConfig, hidden_size: int, layer: int) -> torch.Tensor:
-    """Router weight [N, H]: row r*G + s = B[r] with B ~ N(0, std^2) of shape [R, H].
+    """Router weight [N, H]: row r*g + s = B[r] with B ~ N(0, std^2) of shape [R, H], g = G - S.
 
-    The G shards of a copy share one logit, so top-K (a multiple of G) always selects whole copies.
+    The g routed shards of a copy share one logit, so top-K (a multiple of g) always selects whole copies.
     Seeded per layer so the result does not depend on the order layers are converted in.
     """
     generator = torch.Generator().manual_seed(moe.seed * 100_003 + layer)
     base_RH = torch.randn(moe.expansion_rate, hidden_size, generator=generator) * moe.router_init_std
-    return base_RH.repeat_interleave(moe.granularity, dim=0)
+    return base_RH.repeat_interleave(moe.group_size, dim=0)
 
 
 # Offsets the drop generator's seed from the router's (`seed * 100003 + layer`), so the two streams differ.
@@ -142,14 +152,16 @@ def upcycle_mlp(
     dtype: torch.dtype = torch.float32,
     layer: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """Expert tensors in `dtype` for the dense MLP of decoder `layer`, named as in the block's `experts`.
+    """Routed expert tensors in `dtype` for the dense MLP of decoder `layer`, named as in the block's
+    `experts` (the shared expert's shards, 0..S-1, are `shared_expert`'s).
 
     Shard s takes rows [s*I, (s+1)*I) of gate and up and the same columns of down. up and down are both
-    multiplied by sqrt(c): SwiGLU is linear in each, so the product restores dense(x) exactly. The
-    scaling runs in fp32 on the G shards once; only then are they cast and replicated R times. With
-    moe.drop_ratio > 0 every one of the N experts is built on its own first (`drop_neurons`), then scaled.
+    multiplied by sqrt(c): SwiGLU is linear in each, so the product restores the shards' part of dense(x)
+    exactly. The scaling runs in fp32 on the G - S routed shards once; only then are they cast and
+    replicated R times. With moe.drop_ratio > 0 every one of the N experts is built on its own first
+    (`drop_neurons`), then scaled.
     """
-    G, I = moe.granularity, moe.expert_intermediate_size
+    G, I, S = moe.granularity, moe.expert_intermediate_size, moe.shared_shards
     H = gate_FH.shape[1]
     # fp32 shards, the neuron on dim 1 except for down ([G, H, I]); views, never written to.
     shards = {
@@ -159,17 +171,40 @@ def upcycle_mlp(
     }
     if gate_bias_F is not None:
         shards |= {"gate_bias": gate_bias_F.float().reshape(G, I), "up_bias": up_bias_F.float().reshape(G, I)}
+    routed = {name: shards_G[S:] for name, shards_G in shards.items()}
     if moe.drop_ratio > 0:
+        # a dropped neuron is drawn from its whole dense matrix's statistics, shared shards included
+        stats = {name: (shards_G.mean(), shards_G.std()) for name, shards_G in shards.items()}
         return _scaled_experts(
-            moe, drop_neurons(moe, shards, drop_generator(moe, layer)), 1, down_bias_H, dtype
+            moe, drop_neurons(moe, routed, stats, drop_generator(moe, layer)), 1, down_bias_H, dtype
         )
-    return _scaled_experts(moe, shards, moe.expansion_rate, down_bias_H, dtype)
+    return _scaled_experts(moe, routed, moe.expansion_rate, down_bias_H, dtype)
+
+
+# The shared expert's sigmoid gate starts at w = 0, a gate of exactly 0.5 for every token; its down_proj
+# is doubled (exact: a power of two) so that gate x shared expert = its shards of the dense MLP.
+SHARED_GATE_AT_ZERO = 0.5
+
+
+def upcycle_shared_expert(
+    moe: MoEConfig, gate_FH: torch.Tensor, up_FH: torch.Tensor, down_HF: torch.Tensor, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The shared expert of a layer, named as in the block (`shared_expert.*`, `shared_expert_gate`):
+    shards 0..S-1 of the dense MLP, i.e. its first S*I neurons, unscaled, and a zero gate."""
+    W = moe.shared_intermediate_size
+    H = gate_FH.shape[1]
+    return {
+        "shared_expert.gate_proj.weight": gate_FH[:W].to(dtype),
+        "shared_expert.up_proj.weight": up_FH[:W].to(dtype),
+        "shared_expert.down_proj.weight": (down_HF[:, :W].float() / SHARED_GATE_AT_ZERO).to(dtype),
+        "shared_expert_gate.weight": torch.zeros(1, H, dtype=dtype),
+    }
 
 
 def _scaled_experts(moe: MoEConfig, parts: dict, copies: int, down_bias_H, dtype) -> dict[str, torch.Tensor]:
     """Scale up and down by sqrt(c) in fp32, cast, and repeat `copies` times along the expert dim.
 
-    `parts` hold G shards (copies = R) or, after `drop_neurons`, all N experts (copies = 1).
+    `parts` hold the G - S routed shards (copies = R) or, after `drop_neurons`, all N experts (copies = 1).
     """
     root_c = math.sqrt(moe.expert_scale)
     gate, up, down = (
@@ -185,7 +220,7 @@ def _scaled_experts(moe: MoEConfig, parts: dict, copies: int, down_bias_H, dtype
         up_bias = parts["up_bias"] * root_c
         tensors["gate_up_bias"] = torch.cat([parts["gate_bias"], up_bias], dim=1).repeat(copies, 1)
         # The dense output bias belongs once to the sum: K/G groups x G shards, each weighted ~1/c,
-        # must add up to b, so every expert carries b * c / G.
+        # must add up to b, so every expert carries b * c / G (biases come without a shared expert: S = 0).
         tensors["down_bias"] = (
             (down_bias_H.float() * moe.expert_scale / moe.granularity).expand(moe.num_experts, -1).clone()
         )
@@ -205,13 +240,16 @@ def dropped_neurons(moe: MoEConfig, generator: torch.Generator) -> torch.Tensor:
     return dropped_NI.scatter_(1, order_NI[:, : round(moe.drop_ratio * I)], True)
 
 
-def drop_neurons(moe: MoEConfig, shards: dict, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Drop-Upcycling (Nakamura et al. 2025): the [G, ...] fp32 shards become [N, ...] experts, each with
-    its own round(drop_ratio * I) neurons re-drawn.
+def drop_neurons(
+    moe: MoEConfig, shards: dict, stats: dict, generator: torch.Generator
+) -> dict[str, torch.Tensor]:
+    """Drop-Upcycling (Nakamura et al. 2025): the [G - S, ...] fp32 routed shards become [N, ...]
+    experts, each with its own round(drop_ratio * I) neurons re-drawn.
 
-    Expert e = r*G + s starts from shard s; a dropped neuron's gate row, up row, down column (and gate/up
-    bias entries) are drawn from N(mean, std^2) of the whole dense matrix (or bias) they belong to. They
-    are drawn unscaled: `_scaled_experts` then multiplies new and kept up/down neurons by sqrt(c) alike.
+    Expert e = r*(G - S) + s starts from routed shard s; a dropped neuron's gate row, up row, down column
+    (and gate/up bias entries) are drawn from N(mean, std^2) of the whole dense matrix (or bias) they
+    belong to, `stats[name]` = (mean, std). They are drawn unscaled: `_scaled_experts` then multiplies
+    new and kept up/down neurons by sqrt(c) alike. The shared expert keeps every neuron.
     """
     dropped_NI = dropped_neurons(moe, generator)
     experts = {}
@@ -219,6 +257,7 @@ def drop_neurons(moe: MoEConfig, shards: dict, generator: torch.Generator) -> di
         experts_N = shards_G.repeat(moe.expansion_rate, *[1] * (shards_G.dim() - 1))  # a copy we may write
         neuron_first = experts_N.transpose(1, 2) if name == "down" else experts_N  # a view: [N, I, ...]
         fresh = torch.randn(int(dropped_NI.sum()), *neuron_first.shape[2:], generator=generator)
-        neuron_first[dropped_NI] = fresh * shards_G.std() + shards_G.mean()
+        mean, std = stats[name]
+        neuron_first[dropped_NI] = fresh * std + mean
         experts[name] = experts_N
     return experts

@@ -100,7 +100,7 @@ def measure_upcycled(moe_dir: str | Path, ids_BT: torch.Tensor, dense_logits: to
 
     def count_whole_groups(_, block: MoEBlock):
         _, experts_TK = route(block.last_router_logits_TN, moe.top_k, moe.routing)
-        whole[0] += int(whole_group_mask(experts_TK, moe.granularity).sum())
+        whole[0] += int(whole_group_mask(experts_TK, moe.group_size).sum())
         total[0] += experts_TK.shape[0]
 
     moe_logits = streamed_forward(moe_dir, ids_BT, on_moe=count_whole_groups)
@@ -124,13 +124,14 @@ def next_token_loss(logits_BTV: torch.Tensor, ids_BT: torch.Tensor) -> float:
     return float(F.cross_entropy(logits_BTV[:, :-1].flatten(0, 1), ids_BT[:, 1:].flatten()))
 
 
-def whole_group_mask(experts_TK: torch.Tensor, granularity: int) -> torch.Tensor:
-    """[T] bool: the K experts of a token are K/G complete virtual groups (every shard of each copy).
+def whole_group_mask(experts_TK: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[T] bool: the K experts of a token are K/g complete virtual groups (every routed shard of each
+    copy; g = G - S, `MoEConfig.group_size`).
 
-    top-K indices are distinct, so a copy is complete exactly when its group id appears G times.
+    top-K indices are distinct, so a copy is complete exactly when its group id appears g times.
     """
     T, K = experts_TK.shape
-    groups_sorted = (experts_TK // granularity).sort(dim=-1).values.view(T, K // granularity, granularity)
+    groups_sorted = (experts_TK // group_size).sort(dim=-1).values.view(T, K // group_size, group_size)
     return (groups_sorted == groups_sorted[..., :1]).all(-1).all(-1)
 
 

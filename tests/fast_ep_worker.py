@@ -3,7 +3,8 @@
 Every rank builds the same MoE block, lets `deepspeed.initialize` replace it with an AutoEP layer at the
 given EP size, then runs forward and backward on its own tokens twice: with DeepSpeed's stock forward,
 then after `install_fast_path`. It writes the largest differences (output, input gradient, every
-parameter gradient) to OUT/rank{r}.json.
+parameter gradient) to OUT/rank{r}.json, and how far our own `MoEBlock` (the same weights, before
+DeepSpeed swapped it) is from the stock forward.
 
     fast_ep_worker.py OUT            CPU, fp32, gloo, the per-expert loop (2 ranks)
     fast_ep_worker.py OUT cuda       GPU, bf16, nccl, torch._grouped_mm (stock pads groups, fast does not)
@@ -11,6 +12,7 @@ parameter gradient) to OUT/rank{r}.json.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
@@ -30,6 +32,8 @@ CASES = [  # name, N, K, routing, ep_size, extra AutoEP keys
     ("E64K8_ep2", 64, 8, "softmax-topk", 2, {}),
     ("E16K4_topk_softmax_ep2", 16, 4, "topk-softmax", 2, {}),
     ("E8K2_all_to_rank0_ep2", 8, 2, "softmax-topk", 2, {}),  # rank 1's experts get no tokens
+    ("E8K2_shared_ep2", 8, 2, "softmax-topk", 2, {}),  # a shared expert with its sigmoid gate
+    ("E8K4_shared_topk_softmax_ep1", 8, 4, "topk-softmax", 1, {}),
     ("legacy_bmm_is_left_alone", 8, 2, "softmax-topk", 2, {"combine_impl": "legacy_bmm"}),
 ]
 
@@ -43,17 +47,19 @@ class Decoder(nn.Module):
 
 def autoep_layer(name, n, k, routing, ep_size, extra, cuda: bool):
     torch.manual_seed(0)  # the same weights on every rank
-    block = MoEBlock(H, n, k, I, routing=routing)
+    shared = "_shared" in name
+    block = MoEBlock(H, n, k, I, routing=routing, shared_intermediate_size=2 * I if shared else 0)
     for p in block.parameters():
         nn.init.normal_(p, std=0.2)
     if name.startswith("E8K2_all_to_rank0"):
         with torch.no_grad():
             block.gate.weight[:k] += 10.0  # with inputs > 0, experts 0..K-1 win every token
-    ep = {**autoep_section(k, routing, ep_size, cuda=cuda, layer_pattern=r"layers\.\d+\.mlp"), **extra}
-    config = {"train_batch_size": 2, "expert_parallel": ep}
+    ours = copy.deepcopy(block)
+    section = autoep_section(k, routing, ep_size, cuda=cuda, layer_pattern=r"layers\.\d+\.mlp", shared=shared)
+    config = {"train_batch_size": 2, "expert_parallel": {**section, **extra}}
     engine, *_ = deepspeed.initialize(model=Decoder(block), config=config)
     layer = engine.module.layers[0].mlp
-    return layer.to("cuda", torch.bfloat16) if cuda else layer
+    return (layer.to("cuda", torch.bfloat16), ours.to("cuda", torch.bfloat16)) if cuda else (layer, ours)
 
 
 def forward_backward(layer, x, grad):
@@ -75,7 +81,7 @@ def main(out_dir: str, device: str = "cpu") -> None:
     for name, n, k, routing, ep_size, extra in CASES:
         if ep_size > world:
             continue
-        layer = autoep_layer(name, n, k, routing, ep_size, extra, cuda)
+        layer, ours = autoep_layer(name, n, k, routing, ep_size, extra, cuda)
         torch.manual_seed(100 + rank)  # different tokens on each rank
         x = torch.randn(2, T // 2, H)
         if name.startswith("E8K2_all_to_rank0"):
@@ -84,6 +90,8 @@ def main(out_dir: str, device: str = "cpu") -> None:
         if cuda:
             x, grad = x.to("cuda", torch.bfloat16), grad.to("cuda", torch.bfloat16)
         stock = forward_backward(layer, x, grad)
+        with torch.no_grad():
+            ours_out = ours(x)
         switched, skipped = install_fast_path(layer)
         fast = forward_backward(layer, x, grad)
         results[name] = {
@@ -92,6 +100,7 @@ def main(out_dir: str, device: str = "cpu") -> None:
             "fast_class": type(layer) is FastAutoEPMoELayer,
             "out": (fast[0] - stock[0]).float().abs().max().item(),
             "out_scale": stock[0].float().abs().max().item(),
+            "ours_out": (ours_out - stock[0]).float().abs().max().item(),
             "x_grad": (fast[1] - stock[1]).float().abs().max().item(),
             "param_grads": {p: (fast[2][p] - stock[2][p]).float().abs().max().item() for p in stock[2]},
             "experts_class": type(layer.experts).__name__,

@@ -33,7 +33,12 @@ def results(tmp_path_factory):
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
-CASES = ["E8K2_ep1", "E8K2_ep2", "E64K8_ep2", "E16K4_topk_softmax_ep2", "E8K2_all_to_rank0_ep2"]
+CASES = ["E8K2_ep1", "E8K2_ep2", "E64K8_ep2", "E16K4_topk_softmax_ep2", "E8K2_all_to_rank0_ep2",
+         "E8K2_shared_ep2", "E8K4_shared_topk_softmax_ep1"]  # fmt: skip
+EXPERT_GRADS = {"router.gate.weight", "experts.w1", "experts.w2", "experts.w3"}
+SHARED_GRADS = {f"shared_experts.{p}_proj.weight" for p in ("gate", "up", "down")} | {
+    "shared_experts_gate.weight"
+}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -43,8 +48,10 @@ def test_fast_forward_matches_deepspeed(results, case):
         assert r["switched"] == 1 and r["fast_class"], (rank, r)
         assert r["out"] <= 1e-6 * max(1.0, r["out_scale"]), (rank, r)
         assert r["x_grad"] <= 1e-5, (rank, r)
-        assert set(r["param_grads"]) == {"router.gate.weight", "experts.w1", "experts.w2", "experts.w3"}
+        assert set(r["param_grads"]) == EXPERT_GRADS | (SHARED_GRADS if "_shared" in case else set())
         assert max(r["param_grads"].values()) <= 1e-5, (rank, r)
+        # our MoEBlock, the model of eval and export, computes what DeepSpeed's stock layer computes
+        assert r["ours_out"] <= 1e-6 * max(1.0, r["out_scale"]), (rank, r)
 
 
 def test_expert_parallel_split_is_real(results):
