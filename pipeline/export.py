@@ -65,7 +65,14 @@ from pipeline.hf_io import (
     resolve_dtype,
 )
 from pipeline.init_model import ARCHITECTURES
-from pipeline.state_dict_adapters import EXPERT_BIAS, LAYOUTS, autoep_to_ours, ours_to_hub, stack_experts
+from pipeline.state_dict_adapters import (
+    EXPERT_BIAS,
+    LAYOUTS,
+    OUR_SHARED_GATE,
+    autoep_to_ours,
+    ours_to_hub,
+    stack_experts,
+)
 
 
 def add_parser(subparsers) -> None:
@@ -657,6 +664,15 @@ def compare_logits(source: Source, out: Path, n_tokens: int = 128, seed: int = 0
     return float((b - a).norm() / a.norm())
 
 
+def untrained_shared_gates(source: Source) -> list[int]:
+    """The MoE layers whose shared expert gate is all zero (a model not trained since `upcycle convert`)."""
+    moe = source.config.moe
+    if moe is None or not moe.shared_shards:
+        return []
+    gate = "model.layers.{}.mlp." + OUR_SHARED_GATE + ".weight"
+    return [layer for layer in moe.layers if not source.reader.get(gate.format(layer)).any()]
+
+
 def run_cli(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.force:
@@ -668,6 +684,14 @@ def run_cli(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, source.config)
     arch, files = export(source, out, dtype, int(args.max_shard_size * 2**30), args.layout)
     print(f"exported {source.description} as {arch} ({dtype_name(dtype)}) to {out}: {files}")
+    untrained = untrained_shared_gates(source)
+    if untrained:
+        print(
+            f"note: the shared expert gates of layers {untrained} are exactly 0, as `upcycle convert` writes "
+            "them (sigmoid(0) = 0.5): transformers, vLLM and SGLang compute that exactly, but llama.cpp "
+            "computes the gate as silu(g)/g, which is NaN at g = 0; serve a model trained for at least one "
+            "step with llama.cpp (docs/design.md §4)"
+        )
     if args.verify:
         print(f"verify: relative logit error (fp32) against our model: {compare_logits(source, out):.3e}")
     return 0

@@ -39,6 +39,13 @@ CASES = {
         LLAMA3_ROPE_TIED,
         [], "Qwen2MoeForCausalLM",
     ),
+    "qwen2moe-shared-G4S2": (
+        "llama", {}, ["--granularity", "4", "--shared-shards", "2"], "Qwen2MoeForCausalLM",
+    ),
+    "qwen2moe-shared-topk-softmax-window-partial": (
+        "mistral", WINDOW, ["--routing", "topk-softmax", "--granularity", "2", "--shared-shards", "1",
+                            "--moe-layers", "0,1"], "Qwen2MoeForCausalLM",
+    ),
     "qwen3moe-partial": ("qwen3", {}, ["--moe-layers", "0,1"], "Qwen3MoeForCausalLM"),
     "qwen3moe-topk-softmax-window": (
         "qwen3", {**WINDOW, "use_sliding_window": True, "max_window_layers": 0},
@@ -174,10 +181,17 @@ def test_name_maps_round_trip():
         "model.layers.0.mlp.gate.weight": torch.randn(N, H, generator=g),
         "model.layers.0.mlp.experts.gate_up_proj": torch.randn(N, 2 * I, H, generator=g),
         "model.layers.0.mlp.experts.down_proj": torch.randn(N, H, I, generator=g),
+        "model.layers.0.mlp.shared_expert.down_proj.weight": torch.randn(H, 2 * I, generator=g),
+        "model.layers.0.mlp.shared_expert_gate.weight": torch.randn(1, H, generator=g),
         "model.layers.1.mlp.gate_proj.weight": torch.randn(I, H, generator=g),  # a layer that stayed dense
     }
     autoep = ours_to_autoep(state)
     assert autoep["model.layers.0.mlp.router.gate.weight"] is state["model.layers.0.mlp.gate.weight"]
+    shared = [
+        "model.layers.0.mlp.shared_experts.down_proj.weight",
+        "model.layers.0.mlp.shared_experts_gate.weight",
+    ]
+    assert all(name in autoep for name in shared)
     assert torch.equal(
         autoep["model.layers.0.mlp.experts.w3"], state["model.layers.0.mlp.experts.gate_up_proj"][:, I:]
     )
@@ -185,7 +199,7 @@ def test_name_maps_round_trip():
     assert sorted(back) == sorted(state) and all(torch.equal(back[n], state[n]) for n in state)
     for arch, layout in HUB_LAYOUTS.items():
         hub = dict(kv for name, tensor in state.items() for kv in ours_to_hub(name, tensor, arch))
-        assert len(hub) == 3 + 3 * N  # embeddings, router, dense MLP; N experts x (gate, up, down)
+        assert len(hub) == 5 + 3 * N  # embeddings, router, 2 shared, dense MLP; N experts x (gate, up, down)
         assert torch.equal(hub[f"model.layers.0.{layout.block}.experts.2.{layout.up}.weight"],
                            state["model.layers.0.mlp.experts.gate_up_proj"][2, I:])  # fmt: skip
         back = hub_to_ours(hub, arch, "test")

@@ -10,8 +10,7 @@ import json
 
 import pytest
 import torch
-from hf_models import rel, save_hf_model
-from safetensors.torch import load_file, save_file
+from hf_models import perturb, rel, save_hf_model
 
 from pipeline import load_model
 from pipeline.cli import main
@@ -148,27 +147,15 @@ def test_a_hand_edited_config_is_checked_like_the_flags(dense_llama, tmp_path):
 # ---- export: Qwen2MoE's shared expert is ours ---------------------------------------------------------
 
 
-def trained_looking(moe_dir, seed=0):
-    """Distinct experts, a spread router, a shared expert and a non-zero gate, as after training."""
-    g = torch.Generator().manual_seed(seed)
-    path = moe_dir / "model.safetensors"
-    state = load_file(path)
-    for name, t in state.items():
-        if name.endswith(("mlp.gate.weight", "shared_expert_gate.weight")):
-            state[name] = torch.randn(t.shape, generator=g) * 0.5
-        elif ".experts." in name or ".shared_expert." in name:
-            state[name] = t + torch.randn(t.shape, generator=g) * t.std() * 0.5
-    save_file(state, path, metadata={"format": "pt"})
-
-
 @pytest.mark.parametrize("routing", ["topk-softmax", "softmax-topk"])
 def test_export_is_qwen2moe_with_our_shared_expert(tmp_path, capsys, routing):
     """topk-softmax on every layer would be Mixtral without a shared expert; with one it is Qwen2MoE."""
     save_hf_model("llama", tmp_path / "dense", tie_word_embeddings=True)
     assert convert(tmp_path / "dense", tmp_path / "moe", 8, 2, 4, 2, "--routing", routing) == 0
-    trained_looking(tmp_path / "moe")
+    perturb(tmp_path / "moe")  # as after training: the gate is no longer 0
     out = tmp_path / "export"
     assert main(["export", "--checkpoint", str(tmp_path / "moe"), "--out", str(out), "--verify"]) == 0
+    assert "note: the shared expert gates" not in capsys.readouterr().out  # trained-looking gates
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["Qwen2MoeForCausalLM"]
     assert config["shared_expert_intermediate_size"] == 64 and config["moe_intermediate_size"] == 32
@@ -186,6 +173,7 @@ def test_export_at_step_0_is_the_dense_model_in_transformers(dense_llama, tmp_pa
     dense_dir, dense_model = dense_llama
     assert convert(dense_dir, tmp_path / "moe", 8, 2, 4, 2, "--routing", "topk-softmax") == 0
     assert main(["export", "--checkpoint", str(tmp_path / "moe"), "--out", str(tmp_path / "export")]) == 0
+    assert "note: the shared expert gates of layers [0, 1, 2] are exactly 0" in capsys.readouterr().out
     with torch.no_grad():
         assert rel(load_stock(tmp_path / "export")(IDS).logits, dense_model(IDS).logits) < 1e-5
 

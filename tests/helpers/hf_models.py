@@ -58,18 +58,19 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def perturb(moe_dir, seed=0):
-    """Make the upcycled model look trained: distinct experts, a router with spread logits."""
+    """Make the upcycled model look trained: distinct experts, a router with spread logits, and a shared
+    expert (if any) changed, its gate no longer 0."""
     from safetensors.torch import load_file, save_file
 
     g = torch.Generator().manual_seed(seed)
-    path = moe_dir / "model.safetensors"
-    state = load_file(path)
-    for name, t in state.items():
-        if name.endswith("mlp.gate.weight"):
-            state[name] = torch.randn(t.shape, generator=g) * 0.5
-        elif ".experts." in name:
-            state[name] = t + torch.randn(t.shape, generator=g) * t.std() * 0.5
-    save_file(state, path, metadata={"format": "pt"})
+    for path in sorted(moe_dir.glob("*.safetensors")):
+        state = load_file(path)
+        for name, t in state.items():
+            if name.endswith(("mlp.gate.weight", "mlp.shared_expert_gate.weight")):
+                state[name] = torch.randn(t.shape, generator=g) * 0.5
+            elif ".experts." in name or ".shared_expert." in name:
+                state[name] = t + torch.randn(t.shape, generator=g) * t.std() * 0.5
+        save_file(state, path, metadata={"format": "pt"})
 
 
 def hf_logits(out_dir, ids):
