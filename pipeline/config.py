@@ -202,6 +202,9 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     torch_dtype: str = "float32"
     moe: MoEConfig | None = None
+    # The config.json dict (without our `moe` section) that transformers' own config class of the family is
+    # built from: the backbone (pipeline/backbone.py) is transformers' model class of that config.
+    hf: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         bad = [i for i in self.sliding_layers if not 0 <= i < self.num_hidden_layers]
@@ -294,6 +297,7 @@ class ModelConfig:
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
                 torch_dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
                 moe=moe,
+                hf={key: value for key, value in d.items() if key != "moe"},
             )
         except UserError as exc:
             raise UserError(f"{source}: {exc}") from None

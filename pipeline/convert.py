@@ -175,10 +175,9 @@ def _upcycle_layer(reader: CheckpointReader, moe: MoEConfig, layer: int, has_bia
 
 def parameter_counts(config: ModelConfig) -> tuple[int, int]:
     """(total, active) parameters computed on the meta device: no memory is allocated."""
-    from pipeline.model import CausalLM
+    from pipeline.backbone import skeleton
 
-    with torch.device("meta"):
-        return CausalLM(config).num_parameters()
+    return skeleton(config).parameter_counts()
 
 
 def _shared_plan(moe: MoEConfig) -> list[str]:

@@ -6,7 +6,7 @@
 - router-logit capture (AutoEP's router does not hand logits back) and the fast-path install;
 - process-group start-up, DeepSpeed's leaked CPU shared-memory segment, and peer-failure reporting.
 
-Model code (`pipeline.model`, `pipeline.moe`) never imports this module or deepspeed: parallelism is
+Model code (`pipeline.backbone`, `pipeline.moe`) never imports this module or deepspeed: parallelism is
 applied from here. deepspeed itself is imported inside the functions that need it.
 """
 

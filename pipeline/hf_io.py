@@ -202,10 +202,9 @@ def resolve_dtype(name: str | None, config: ModelConfig) -> torch.dtype:
 
 def expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
     """name -> shape of every tensor a checkpoint of `config` holds (no `lm_head.weight` when tied)."""
-    from pipeline.model import CausalLM
+    from pipeline.backbone import expected_state
 
-    with torch.device("meta"):
-        shapes = {name: t.shape for name, t in CausalLM(config).state_dict().items()}
+    shapes = expected_state(config)
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight")
     return shapes
@@ -218,24 +217,18 @@ def build_model(
     device: str = "cpu",
     where: str | Path = "checkpoint",
 ):
-    """Our `CausalLM`, built on the meta device and filled tensor by tensor from `reader`.
+    """The model (`pipeline.backbone`: transformers' class of the family, our MoE blocks in it), built on the
+    meta device and filled tensor by tensor from `reader`.
 
     `reader` is anything with the `CheckpointReader` interface (`names()`, `in`, `shape(name)`,
     `get(name)`): a safetensors directory, or the in-memory state of a training checkpoint
     (`pipeline.export.DictReader`). `check_against_config` runs first, so a mismatched checkpoint never
     loads silently. `where` names the source in error messages.
     """
-    from pipeline.model import CausalLM, RotaryEmbedding
+    from pipeline.backbone import build
 
     check_against_config(reader, config, where)
-    with torch.device("meta"):
-        model = CausalLM(config)
-    state = {name: reader.get(name).to(device=device, dtype=dtype) for name in expected_shapes(config)}
-    model.load_state_dict(state, strict=False, assign=True)
-    if config.tie_word_embeddings:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary_emb = RotaryEmbedding(config).to(device)  # non-persistent buffer: rebuild off meta
-    return model.eval()
+    return build(config, reader, dtype, device, expected_shapes(config))
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -244,7 +237,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = "float32", device: str = "cpu"):
-    """Load a dense Hugging Face or upcycled checkpoint directory as a `CausalLM` (see `build_model`)."""
+    """Load a dense Hugging Face or upcycled checkpoint directory as a module whose `forward(input_ids)`
+    returns logits (see `build_model`)."""
     _, config = read_hf_config(path)
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, config)
     return build_model(config, CheckpointReader(path), torch_dtype, device, where=path)

@@ -88,12 +88,12 @@ def run_cli(args: argparse.Namespace) -> int:
 
 def random_init_state(config: ModelConfig, std: float, seed: int) -> dict[str, torch.Tensor]:
     """GPT-2 style init: normal(0, std), output projections scaled by 1/sqrt(2 * layers), norms at 1."""
-    from pipeline.model import CausalLM
+    from pipeline.backbone import expected_state
 
     torch.manual_seed(seed)
-    model = CausalLM(config)
+    model = {name: torch.nn.Parameter(torch.empty(shape)) for name, shape in expected_state(config).items()}
     residual_std = std / (2 * config.num_hidden_layers) ** 0.5
-    for name, param in model.named_parameters():
+    for name, param in model.items():
         if name.endswith("norm.weight"):
             torch.nn.init.ones_(param)
         elif name.endswith("bias"):
@@ -101,10 +101,9 @@ def random_init_state(config: ModelConfig, std: float, seed: int) -> dict[str, t
         else:
             is_residual_out = name.endswith(("o_proj.weight", "down_proj.weight"))
             torch.nn.init.normal_(param, std=residual_std if is_residual_out else std)
-    state = model.state_dict()
     if config.tie_word_embeddings:
-        state.pop("lm_head.weight")
-    return {name: t.contiguous() for name, t in state.items()}
+        model.pop("lm_head.weight")
+    return {name: t.detach().contiguous() for name, t in model.items()}
 
 
 def _tokenizer_vocab_size(tokenizer: str | None) -> int:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from pipeline.backbone import decoder_layers, skeleton
 from pipeline.config import read_hf_config
-from pipeline.hf_io import CheckpointReader
+from pipeline.hf_io import CheckpointReader, check_against_config, expected_shapes
 from pipeline.moe import MoEBlock, route
 
 # A fixed English passage, so that with a real tokenizer the check runs on natural text.
@@ -43,31 +46,41 @@ class VerifyReport:
 
 @torch.no_grad()
 def streamed_forward(model_dir: str | Path, input_ids_BT: torch.Tensor, on_moe=None) -> torch.Tensor:
-    """fp32 logits [B, T, V], materialising one decoder layer at a time from the safetensors files.
+    """fp32 logits [B, T, V] of the model's own forward (`pipeline.backbone`), with one decoder layer in
+    memory at a time: each layer's weights are read from the safetensors files just before it runs and
+    dropped after it (the embeddings, final norm and head stay).
 
     `on_moe(layer_idx, block)` is called after each MoE block ran (its router logits are then set).
     """
-    from pipeline.model import DecoderLayer, RMSNorm, RotaryEmbedding
-
     _, config = read_hf_config(model_dir)
     reader = CheckpointReader(model_dir)
-    embed_VH = reader.get("model.embed_tokens.weight").float()
-    x = F.embedding(input_ids_BT, embed_VH)
-    cos, sin = RotaryEmbedding(config)(torch.arange(input_ids_BT.shape[1]), torch.float32)
-    for i in range(config.num_hidden_layers):
-        with torch.device("meta"):
-            layer = DecoderLayer(config, i)
-        prefix = f"model.layers.{i}."
-        layer.load_state_dict({n: reader.get(prefix + n).float() for n in layer.state_dict()}, assign=True)
-        x = layer(x, cos, sin)
+    check_against_config(reader, config, model_dir)
+    model = skeleton(config)
+    layers = decoder_layers(model)
+    prefix = {id(module): f"{name}." for name, module in model.named_modules()}
+    in_layers = tuple(prefix[id(layer)] for layer in layers)
+    outside = [name for name in expected_shapes(config) if not name.startswith(in_layers)]
+    model.load_state_dict({name: reader.get(name).float() for name in outside}, strict=False, assign=True)
+    if config.tie_word_embeddings:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    for i, layer in enumerate(layers):
+        layer.register_forward_pre_hook(functools.partial(_materialise, reader, prefix[id(layer)]))
+        layer.register_forward_hook(_release)
         if on_moe is not None and isinstance(layer.mlp, MoEBlock):
-            on_moe(i, layer.mlp)
-        del layer
-    norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-    norm.load_state_dict({"weight": reader.get("model.norm.weight").float()})
-    x = norm(x)
-    head_VH = embed_VH if config.tie_word_embeddings else reader.get("lm_head.weight").float()
-    return x @ head_VH.T
+            layer.mlp.register_forward_hook(functools.partial(lambda i, block, *_: on_moe(i, block), i))
+    return model(input_ids_BT).float()
+
+
+def _materialise(reader, prefix: str, layer: nn.Module, _inputs) -> None:
+    names = layer.state_dict().keys()
+    layer.load_state_dict({name: reader.get(prefix + name).float() for name in names}, assign=True)
+
+
+def _release(layer: nn.Module, _inputs, _output) -> None:
+    for module in layer.modules():
+        for name, param in module._parameters.items():
+            if param is not None:
+                module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=False)
 
 
 def sample_tokens(model_dir: str | Path, vocab_size: int, n_tokens: int, seed: int) -> torch.Tensor:

@@ -56,9 +56,9 @@ def ids(seq_len: int = T, seed: int = 1) -> torch.Tensor:
 
 
 def set_window(model, window) -> None:
-    for layer in model.model.layers:
-        if layer.self_attn.sliding_window is not None:
-            layer.self_attn.sliding_window = window
+    """The window of the backbone's sliding layers (transformers builds the masks from its config); None:
+    wider than any forward here, i.e. full attention."""
+    model.config.sliding_window = window if window is not None else 10**9
 
 
 @pytest.mark.parametrize("case", list(DENSE_CASES))
@@ -66,7 +66,8 @@ def test_dense_logits_match_transformers(tmp_path, case):
     family, overrides, sliding = DENSE_CASES[case]
     hf_model = save_hf_model(family, tmp_path, **overrides)
     ours = load_model(tmp_path)
-    assert ours.config.sliding_layers == sliding
+    parsed = read_hf_config(tmp_path)[1]
+    assert parsed.sliding_layers == sliding
     tokens = ids()
     with torch.no_grad():
         expected, actual = hf_model(tokens).logits, ours(tokens)
@@ -75,9 +76,9 @@ def test_dense_logits_match_transformers(tmp_path, case):
     assert error <= 1e-5
     torch.testing.assert_close(actual, expected, atol=2e-5, rtol=1e-5)
     if family == "qwen3":
-        assert ours.model.layers[0].self_attn.q_norm.weight.shape == (ours.config.head_dim,)
-        assert ours.config.head_dim == overrides.get("head_dim", 128)
-    if sliding and ours.config.sliding_window < T:
+        assert ours.model.layers[0].self_attn.q_norm.weight.shape == (parsed.head_dim,)
+        assert parsed.head_dim == overrides.get("head_dim", 128)
+    if sliding and parsed.sliding_window < T:
         # Not vacuous: full attention, and a window one token wider or narrower, all give other logits.
         for window in (None, WINDOW - 1, WINDOW + 1):
             set_window(ours, window)
@@ -181,7 +182,7 @@ def test_export_reproduces_logits(tmp_path, case, capsys):
 
     # Not vacuous: the window and the routing each move the logits far more than the export's error (a
     # peaked router over one MoE layer makes the two routings differ by little, but still by 100x the error).
-    if ours_model.config.sliding_layers:
+    if read_hf_config(moe_dir)[1].sliding_layers:
         set_window(ours_model, None)
         with torch.no_grad():
             assert rel(ours_model(tokens), ours) > 1e-3

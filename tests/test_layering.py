@@ -56,10 +56,10 @@ def test_model_code_needs_no_deepspeed_and_no_process_group():
         import dataclasses, json, sys
         import torch
 
-        import pipeline.config, pipeline.convert, pipeline.hf_io, pipeline.model, pipeline.moe
+        import pipeline.backbone, pipeline.config, pipeline.convert, pipeline.hf_io, pipeline.moe
         import pipeline.upcycle
+        from pipeline.backbone import build, expected_state
         from pipeline.config import ModelConfig
-        from pipeline.model import CausalLM
         from pipeline.upcycle import make_moe_config
 
         dense = ModelConfig.from_hf_dict(dict(
@@ -67,9 +67,9 @@ def test_model_code_needs_no_deepspeed_and_no_process_group():
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
         config = dataclasses.replace(dense, moe=make_moe_config(dense, num_experts=4, top_k=2, granularity=2))
         torch.manual_seed(0)
-        model = CausalLM(config).eval()
-        for p in model.parameters():  # some weights are allocated uninitialised, to be loaded
-            torch.nn.init.normal_(p, std=0.1)
+        state = {name: torch.randn(shape) * 0.1 for name, shape in expected_state(config).items()}
+        model = build(config, type("Reader", (), {"get": staticmethod(state.__getitem__)}), torch.float32,
+                      "cpu", list(state))
         with torch.no_grad():
             logits = model(torch.randint(0, 211, (2, 9)))
         print(json.dumps({
