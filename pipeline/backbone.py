@@ -17,24 +17,118 @@ returns the logits `[B, T, V]` (the trainer, eval and verify call it so), and `m
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from pipeline.config import ModelConfig
-from pipeline.moe import MoEBlock
+from pipeline.errors import UserError
+from pipeline.moe import MoEBlock, activation
 
 ATTENTION = "sdpa"
 
 
-def hf_config(config: ModelConfig, attention: str = ATTENTION):
-    """transformers' own config object of the family, from the checkpoint's config.json dict."""
+def family_config(d: dict, source: str = "config.json"):
+    """transformers' own config object of the family, from a config.json dict (our `moe` section left out);
+    UserError naming `source` for a model type transformers does not know."""
     import transformers
 
-    hf = transformers.AutoConfig.for_model(**config.hf)
+    d = {key: value for key, value in d.items() if key != "moe"}
+    try:
+        return transformers.AutoConfig.for_model(**d)
+    except (ValueError, KeyError) as exc:
+        raise UserError(
+            f"{source}: model_type={d.get('model_type')!r} is not a model type transformers "
+            f"{transformers.__version__} knows ({exc})"
+        ) from None
+
+
+def hf_config(config: ModelConfig, attention: str = ATTENTION):
+    """The backbone's config: transformers' config of the family with the attention implementation set
+    (`eager` for a class without `sdpa` support, e.g. Gemma 2 with its soft-capped attention)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    hf = family_config(config.hf)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(hf)]
+    if attention == "sdpa" and not getattr(model_class, "_supports_sdpa", False):
+        attention = "eager"
     hf._attn_implementation = attention
     return hf
+
+
+# ---- the dense MLP's form ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MLPForm:
+    """What `upcycle convert` needs to know of a dense MLP: down(act(gate(x)) * up(x)), with gate and up
+    as `gate_proj`/`up_proj` or fused in `gate_up_proj` [2F, H] (gate rows first)."""
+
+    act: str  # transformers' `hidden_act` name
+    fused: bool
+    bias: bool
+
+
+SEPARATE, FUSED = ("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj")
+TINY_MLP = {"hidden_size": 8, "intermediate_size": 12}  # the sizes of the behaviour check's MLP
+
+
+def dense_mlp_form(hf, source: str) -> MLPForm:
+    """The form of the MLP of every decoder layer of `hf`'s model class, checked twice: by its projections'
+    names and by its behaviour (a small MLP of the same class against down(act(gate(x)) * up(x)) with the
+    config's activation). UserError naming the module's class otherwise."""
+    with parameters_on_meta(), _no_init_weights():
+        model = _auto_model(hf)
+    kinds = {type(layer.mlp) for layer in _layers(model, source)}
+    if len(kinds) != 1:
+        raise UserError(
+            f"{source}: the decoder layers have MLPs of several classes ({sorted(k.__name__ for k in kinds)})"
+        )
+    mlp = decoder_layers(model)[0].mlp
+    linears = {name for name, module in mlp.named_children() if isinstance(module, nn.Linear)}
+    act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", None)
+    fused = set(FUSED) <= linears
+    if not (set(SEPARATE) <= linears or fused) or not isinstance(act, str):
+        params = [name for name, _ in mlp.named_parameters()]
+        raise UserError(
+            f"{source}: the MLP of {hf.model_type} is {type(mlp).__name__} with parameters {params}: not a "
+            "gated MLP (gate_proj, up_proj, down_proj, or gate_up_proj and down_proj, with the config's "
+            "hidden_act); upcycling other forms is not supported yet"
+        )
+    bias = any(name.endswith("bias") for name, _ in mlp.named_parameters())
+    form = MLPForm(act=act, fused=fused, bias=bias)
+    _check_behaviour(type(mlp), hf, form, source)
+    return form
+
+
+def _check_behaviour(mlp_class: type, hf, form: MLPForm, source: str) -> None:
+    small = copy.deepcopy(hf)
+    for key, value in TINY_MLP.items():
+        setattr(small, key, value)
+    torch_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(0)
+        mlp = mlp_class(small).float().eval()  # eval: an MLP's dropout (Seed-OSS) is not its form
+        for p in mlp.parameters():
+            nn.init.normal_(p, std=0.5)
+        x = torch.randn(5, TINY_MLP["hidden_size"])
+        with torch.no_grad():
+            if form.fused:
+                gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+            expected = mlp.down_proj(activation(form.act)(gate) * up)
+            same = torch.allclose(mlp(x), expected, rtol=1e-5, atol=1e-6)
+    finally:
+        torch.random.set_rng_state(torch_state)
+    if not same:
+        raise UserError(
+            f"{source}: {mlp_class.__name__} does not compute down(act(gate(x)) * up(x)) with "
+            f"act = {form.act!r}: its form is not one `upcycle convert` knows"
+        )
 
 
 @contextlib.contextmanager
@@ -86,6 +180,28 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.base_model.layers
 
 
+def _layers(model: nn.Module, source: str) -> nn.ModuleList:
+    layers = getattr(model.base_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not all(hasattr(layer, "mlp") for layer in layers):
+        raise UserError(
+            f"{source}: model_type={model.config.model_type!r}: {type(model).__name__} keeps no decoder "
+            "layers with an `mlp` under `.layers`: not a decoder this project can upcycle"
+        )
+    return layers
+
+
+def _auto_model(hf) -> nn.Module:
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+
+
+def _no_init_weights():
+    from transformers import initialization
+
+    return initialization.no_init_weights()
+
+
 def moe_block(config: ModelConfig) -> MoEBlock:
     moe = config.moe
     return MoEBlock(
@@ -96,17 +212,14 @@ def moe_block(config: ModelConfig) -> MoEBlock:
         routing=moe.routing,
         bias=config.mlp_bias,
         shared_intermediate_size=moe.shared_intermediate_size,
+        act=config.hidden_act,
     )
 
 
 def skeleton(config: ModelConfig, attention: str = ATTENTION) -> nn.Module:
     """The model with every parameter on the meta device: for shapes, parameter counts, or `build`."""
-    import transformers
-    from transformers import initialization
-
-    with parameters_on_meta(), initialization.no_init_weights():
-        hf = hf_config(config, attention)
-        model = transformers.AutoModelForCausalLM.from_config(hf, dtype=torch.float32)
+    with parameters_on_meta(), _no_init_weights():
+        model = _auto_model(hf_config(config, attention))
         for layer in config.moe.layers if config.moe else ():
             decoder_layers(model)[layer].mlp = moe_block(config)
     model.__class__ = upcycled_class(type(model))

@@ -1,9 +1,12 @@
 """Typed model configuration: the single source of truth for shapes, read from a Hugging Face `config.json`.
 
-`ModelConfig.from_hf_dict` accepts Llama, Mistral, Qwen2 and Qwen3 configs (old `rope_scaling` +
-`rope_theta` and new `rope_parameters` spellings; sliding windows as transformers applies them) and
-refuses, naming the field, anything the model cannot represent exactly. An upcycled checkpoint is the
-dense config plus a `moe` section, parsed into `MoEConfig`.
+`ModelConfig.from_hf_dict` accepts any decoder transformers knows whose MLP is gated (`pipeline/backbone.py`
+checks the form): the backbone is transformers' own class, so only the shapes and the MLP's form are read
+for every family. For Llama, Mistral, Qwen2 and Qwen3 (`EXPORT_FAMILIES`, the ones `upcycle export` writes
+as a stock MoE class) the attention, rope (old `rope_scaling` + `rope_theta` and new `rope_parameters`
+spellings) and sliding windows are parsed as well, as transformers applies them, and anything a stock MoE
+class cannot represent exactly is refused naming the field. An upcycled checkpoint is the dense config plus
+a `moe` section, parsed into `MoEConfig`.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 from pipeline.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+EXPORT_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn", "longrope")
 ROUTINGS = ("softmax-topk", "topk-softmax")
 
@@ -205,6 +208,10 @@ class ModelConfig:
     # The config.json dict (without our `moe` section) that transformers' own config class of the family is
     # built from: the backbone (pipeline/backbone.py) is transformers' model class of that config.
     hf: dict = field(default_factory=dict, compare=False, repr=False)
+    # The dense MLP's form (every family): its activation (transformers' `hidden_act` name) and whether gate
+    # and up are one `gate_up_proj` [2F, H], gate rows first (Phi-3, GLM-4).
+    hidden_act: str = "silu"
+    mlp_fused: bool = False
 
     def __post_init__(self) -> None:
         bad = [i for i in self.sliding_layers if not 0 <= i < self.num_hidden_layers]
@@ -239,14 +246,17 @@ class ModelConfig:
         """The sliding window W of a decoder layer, or None for full causal attention."""
         return self.sliding_window if layer in self.sliding_layers else None
 
+    @property
+    def exportable_family(self) -> bool:
+        """The attention fields above are parsed (EXPORT_FAMILIES); other families leave them at defaults."""
+        return self.model_type in EXPORT_FAMILIES
+
     @classmethod
     def from_hf_dict(cls, d: dict, source: str = "config.json") -> ModelConfig:
         """Parse a Hugging Face config dict; raise UserError naming the field for anything unsupported."""
         model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise UserError(
-                f"{source}: model_type={model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}"
-            )
+        if model_type not in EXPORT_FAMILIES:
+            return _any_family(cls, d, source)
         for key in (
             "vocab_size",
             "hidden_size",
@@ -301,6 +311,39 @@ class ModelConfig:
             )
         except UserError as exc:
             raise UserError(f"{source}: {exc}") from None
+
+
+def _any_family(cls, d: dict, source: str) -> ModelConfig:
+    """A decoder of any other family: the shapes from transformers' own config class of `model_type`, the
+    MLP's form from its model class (`backbone.dense_mlp_form`); the attention is transformers' business."""
+    from pipeline.backbone import dense_mlp_form, family_config
+
+    hf = family_config(d, source)
+    heads = hf.num_attention_heads
+    moe = MoEConfig.from_dict(d["moe"], source) if d.get("moe") else None
+    form = dense_mlp_form(hf, source)
+    try:
+        return cls(
+            model_type=hf.model_type,
+            vocab_size=hf.vocab_size,
+            hidden_size=hf.hidden_size,
+            intermediate_size=hf.intermediate_size,
+            num_hidden_layers=hf.num_hidden_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(hf, "num_key_value_heads", None) or heads,
+            head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+            max_position_embeddings=getattr(hf, "max_position_embeddings", 2048),
+            rms_norm_eps=getattr(hf, "rms_norm_eps", 1e-6),
+            mlp_bias=form.bias,
+            tie_word_embeddings=bool(hf.tie_word_embeddings),
+            torch_dtype=str(d.get("dtype") or d.get("torch_dtype") or "float32"),
+            moe=moe,
+            hf={key: value for key, value in d.items() if key != "moe"},
+            hidden_act=form.act,
+            mlp_fused=form.fused,
+        )
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
 
 
 # `layer_types` entries: sliding or not. "attention" is the legacy spelling transformers remaps to full.

@@ -28,6 +28,7 @@ from pipeline.hf_io import (
 from pipeline.upcycle import make_moe_config, upcycle_mlp, upcycle_shared_expert, virtual_group_router
 
 MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
+FUSED_PARTS = ("gate_up_proj", "down_proj")  # Phi-3, GLM-4: gate rows, then up rows
 
 
 def add_parser(subparsers) -> None:
@@ -135,22 +136,21 @@ def convert(
     max_shard_bytes: int,
 ) -> list[str]:
     """Write the upcycled checkpoint (weights, index, config.json) to `out`; return the weight files."""
-    expected = [f"model.layers.{i}.mlp.{part}.weight" for i in moe.layers for part in MLP_PARTS]
+    parts = FUSED_PARTS if config.mlp_fused else MLP_PARTS
+    expected = [f"{mlp_prefix(i)}{part}.weight" for i in moe.layers for part in parts]
     missing = [name for name in expected if name not in reader]
     if missing:
-        raise UserError(
-            f"{reader.dir}: dense MLP tensors not found: {missing[:3]}; is this a Llama-family model?"
-        )
+        raise UserError(f"{reader.dir}: dense MLP tensors not found: {missing[:3]}")
     out.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out, max_shard_bytes)
-    moe_prefixes = tuple(f"model.layers.{i}.mlp." for i in moe.layers)
+    moe_prefixes = tuple(mlp_prefix(i) for i in moe.layers)
     for name in tqdm(reader.names(), desc="copy dense tensors", unit="tensor"):
         if not name.startswith(moe_prefixes):
             writer.add(name, reader.get(name).to(dtype))
     for layer in tqdm(moe.layers, desc="upcycle MLPs", unit="layer"):
-        prefix = f"model.layers.{layer}.mlp."
+        prefix = mlp_prefix(layer)
         writer.add(prefix + "gate.weight", virtual_group_router(moe, config.hidden_size, layer).to(dtype))
-        for name, tensor in _upcycle_layer(reader, moe, layer, config.mlp_bias, dtype).items():
+        for name, tensor in _upcycle_layer(reader, config, moe, layer, dtype).items():
             writer.add(prefix + name, tensor)
     files = writer.close()
     out_config = dict(raw_config)
@@ -161,11 +161,24 @@ def convert(
     return files
 
 
-def _upcycle_layer(reader: CheckpointReader, moe: MoEConfig, layer: int, has_bias: bool, dtype) -> dict:
-    """The MoE block's tensors but the router, named relative to `model.layers.{layer}.mlp.`."""
-    prefix = f"model.layers.{layer}.mlp."
+def mlp_prefix(layer: int) -> str:
+    return f"model.layers.{layer}.mlp."
+
+
+def dense_mlp(reader: CheckpointReader, config: ModelConfig, layer: int) -> tuple[list, list]:
+    """([gate_FH, up_FH, down_HF], [their biases] or []) of a dense MLP, a fused gate_up_proj split."""
+    prefix = mlp_prefix(layer)
+    if config.mlp_fused:
+        gate_FH, up_FH = reader.get(f"{prefix}gate_up_proj.weight").chunk(2, dim=0)
+        return [gate_FH, up_FH, reader.get(f"{prefix}down_proj.weight")], []
     weights = [reader.get(f"{prefix}{part}.weight") for part in MLP_PARTS]
-    biases = [reader.get(f"{prefix}{part}.bias") for part in MLP_PARTS] if has_bias else []
+    biases = [reader.get(f"{prefix}{part}.bias") for part in MLP_PARTS] if config.mlp_bias else []
+    return weights, biases
+
+
+def _upcycle_layer(reader: CheckpointReader, config: ModelConfig, moe: MoEConfig, layer: int, dtype) -> dict:
+    """The MoE block's tensors but the router, named relative to `model.layers.{layer}.mlp.`."""
+    weights, biases = dense_mlp(reader, config, layer)
     routed = upcycle_mlp(moe, *weights, *biases, dtype=dtype, layer=layer)
     tensors = {f"experts.{name}": tensor for name, tensor in routed.items()}
     if moe.shared_shards:
@@ -220,11 +233,12 @@ def format_plan(dense: ModelConfig, moe: MoEConfig) -> str:
         f"{'layer':>5}  mlp",
     ]
     for i in range(dense.num_hidden_layers):
-        shared = f" + shared SwiGLU({moe.shared_intermediate_size})" if moe.shared_shards else ""
+        glu = f"GLU[{dense.hidden_act}]"
+        shared = f" + shared {glu}({moe.shared_intermediate_size})" if moe.shared_shards else ""
         kind = (
-            f"MoE {moe.num_experts} x SwiGLU(I={I}), top-{moe.top_k}{shared}"
+            f"MoE {moe.num_experts} x {glu}(I={I}), top-{moe.top_k}{shared}"
             if i in moe.layers
-            else f"dense SwiGLU(F={F_})"
+            else f"dense {glu}(F={F_})"
         )
         rows.append(f"{i:>5}  {kind}")
     return "\n".join(rows)

@@ -39,12 +39,23 @@ from pipeline.state_dict_adapters import (
     ROUTER_SUFFIX,
 )
 
+# The dense MLP's activation (transformers' `hidden_act`) -> DeepSpeed's name of the gated expert form that
+# applies it (deepspeed.moe.ep_experts.EXPERT_ACTIVATIONS). AutoEP probes our experts' act_fn against it.
+EXPERT_ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu_tanh"}
+
 
 def autoep_section(
-    top_k: int, routing: str, ep_size: int, cuda: bool, layer_pattern=MOE_LAYER_PATTERN, shared: bool = False
+    top_k: int,
+    routing: str,
+    ep_size: int,
+    cuda: bool,
+    layer_pattern=MOE_LAYER_PATTERN,
+    shared: bool = False,
+    hidden_act: str = "silu",
 ):
     """DeepSpeed's `expert_parallel` (AutoEP) config for our MoE blocks; `shared`: they have a shared
-    expert with a sigmoid gate (moe.shared_shards), which AutoEP keeps as modules and adds to its output."""
+    expert with a sigmoid gate (moe.shared_shards), which AutoEP keeps as modules and adds to its output;
+    `hidden_act`: the experts' activation (a key of EXPERT_ACTIVATIONS, checked in preflight)."""
     shared_keys = {
         "has_shared_experts": True,
         "shared_experts_pattern": OUR_SHARED,
@@ -65,6 +76,7 @@ def autoep_section(
         "route_norm": routing == "topk-softmax",
         "routed_scaling_factor": 1.0,  # the scale lives in the expert weights
         "use_grouped_mm": cuda,
+        "expert_activation": EXPERT_ACTIVATIONS[hidden_act],
         **(shared_keys if shared else {}),
     }
 
@@ -106,7 +118,12 @@ def build_ds_config(
     if model_config.moe is not None:
         moe = model_config.moe
         ds["expert_parallel"] = autoep_section(
-            moe.top_k, moe.routing, p.ep_size, cuda, shared=moe.shared_shards > 0
+            moe.top_k,
+            moe.routing,
+            p.ep_size,
+            cuda,
+            shared=moe.shared_shards > 0,
+            hidden_act=model_config.hidden_act,
         )
     return ds
 

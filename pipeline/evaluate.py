@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import SUPPORTED_MODEL_TYPES
 from pipeline.errors import UserError
 
 
@@ -40,6 +39,10 @@ def add_parser(subparsers) -> None:
     p.set_defaults(func=run_cli)
 
 
+# An export of ours (a stock MoE class), evaluated by transformers itself; everything else is our format.
+STOCK_MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+
 class _Model:
     """A uniform `forward(ids) -> (logits, [router logits per MoE layer])` over our models and HF exports."""
 
@@ -47,7 +50,7 @@ class _Model:
         path_ = Path(path)
         raw = json.loads((path_ / "config.json").read_text()) if (path_ / "config.json").is_file() else None
         self.hf = None
-        if raw is not None and raw.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        if raw is not None and raw.get("model_type") in STOCK_MOE_TYPES and "moe" not in raw:
             import transformers
 
             self.hf = transformers.AutoModelForCausalLM.from_pretrained(path_, dtype=torch.float32).eval()

@@ -64,7 +64,6 @@ from pipeline.hf_io import (
     expected_shapes,
     resolve_dtype,
 )
-from pipeline.init_model import ARCHITECTURES
 from pipeline.state_dict_adapters import (
     EXPERT_BIAS,
     LAYOUTS,
@@ -327,11 +326,25 @@ def rope_parameters(config: ModelConfig) -> dict:
     return params
 
 
+def dense_class(config: ModelConfig) -> str:
+    """The family's own ...ForCausalLM class name, as transformers maps the model type."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]
+
+
 def choose_target(config: ModelConfig) -> str:
     """The stock class name; UserError saying why when no stock class computes this model exactly."""
     moe = config.moe
     if moe is None:
-        return ARCHITECTURES[config.model_type]  # a dense model: its own family's class
+        return dense_class(config)  # a dense model: its own family's class
+    if not config.exportable_family:
+        raise UserError(
+            f"model_type={config.model_type!r}: no stock transformers MoE class computes an upcycled "
+            f"{config.model_type} exactly (export writes Mixtral, Qwen2MoE and Qwen3MoE, which have "
+            "Llama, Qwen2 or Qwen3 attention); the model stays loadable (pipeline.load_model), trainable "
+            "(upcycle train) and evaluable (upcycle eval) from its own directory"
+        )
     if config.mlp_bias:
         raise UserError(
             "the experts have biases (mlp_bias=true): neither MixtralForCausalLM nor Qwen2MoeForCausalLM has "

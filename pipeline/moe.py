@@ -5,8 +5,8 @@ Shapes: T tokens, H hidden, N experts, K experts per token, I expert width.
     gate                  nn.Linear(H, N, bias=False)        router, logits_TN = gate(x_TH)
     experts.gate_up_proj  [N, 2I, H]   rows [0, I) gate, rows [I, 2I) up
     experts.down_proj     [N, H, I]
-    experts.act_fn        SiLU
-    shared_expert         SwiGLU of width S*I, always active (only with moe.shared_shards = S > 0)
+    experts.act_fn        the dense MLP's activation (transformers' ACT2FN[hidden_act]: SiLU, GELUTanh, ...)
+    shared_expert         GatedMLP of width S*I, always active (only with moe.shared_shards = S > 0)
     shared_expert_gate    nn.Linear(H, 1, bias=False): shared_expert(x) is scaled by sigmoid(gate(x))
 
 The forward is dropless (every token reaches its K experts). Routing math runs in fp32:
@@ -145,7 +145,14 @@ def _grouped_mm_available(x: torch.Tensor) -> bool:
 class Experts(nn.Module):
     """N SwiGLU experts stored as 3-D tensors; `forward` takes tokens already sorted by expert."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bias: bool = False):
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        bias: bool = False,
+        act: str = "silu",
+    ):
         super().__init__()
         self.num_experts, self.intermediate_size = num_experts, intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
@@ -153,7 +160,7 @@ class Experts(nn.Module):
         # Biases exist only when the dense MLP had them (Llama `mlp_bias`).
         self.gate_up_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size)) if bias else None
         self.down_bias = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
-        self.act_fn = nn.SiLU()
+        self.act_fn = activation(act)
 
     def forward(self, x_SH: torch.Tensor, tokens_per_expert_N: torch.Tensor) -> torch.Tensor:
         """x_SH: S = T*K routed slots, grouped by expert in order 0..N-1; returns y_SH."""
@@ -186,17 +193,26 @@ class Experts(nn.Module):
         return torch._grouped_mm(self._swiglu(gate_up_S2I), self.down_proj.transpose(-2, -1), offs=offsets_N)
 
 
-class SwiGLU(nn.Module):
-    """A SwiGLU MLP, down(silu(gate(x)) * up(x)): the dense MLP of a decoder layer and the shared expert."""
+def activation(name: str) -> nn.Module:
+    """transformers' module for a `hidden_act` name (`silu`, `gelu_pytorch_tanh`, ...): the same function the
+    dense model's MLP applies."""
+    from transformers.activations import ACT2FN
 
-    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False):
+    return ACT2FN[name]
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)), SwiGLU for `act = silu`: the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False, act: str = "silu"):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act_fn = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
 class MoEBlock(nn.Module):
@@ -223,13 +239,14 @@ class MoEBlock(nn.Module):
         routing: str = "softmax-topk",
         bias: bool = False,
         shared_intermediate_size: int = 0,
+        act: str = "silu",
     ):
         super().__init__()
         self.num_experts, self.top_k, self.routing = num_experts, top_k, routing
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.experts = Experts(num_experts, hidden_size, intermediate_size, bias=bias)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size, bias=bias, act=act)
         if shared_intermediate_size:
-            self.shared_expert = SwiGLU(hidden_size, shared_intermediate_size)
+            self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size, act=act)
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
         else:
             self.shared_expert = self.shared_expert_gate = None

@@ -16,6 +16,7 @@ import torch
 
 from pipeline import checkpointing
 from pipeline.config import ModelConfig, read_hf_config
+from pipeline.ds_adapter import EXPERT_ACTIVATIONS
 from pipeline.errors import UserError
 from pipeline.run_config import (
     RunConfig,
@@ -59,6 +60,12 @@ def prepare(argv: list[str], world_size: int | None = None) -> tuple[RunConfig, 
         raise UserError(
             f"model.path {cfg.model.path}: MoE experts with biases (mlp_bias) are not supported by "
             "DeepSpeed AutoEP training"
+        )
+    if model_config.moe and model_config.hidden_act not in EXPERT_ACTIVATIONS:
+        raise UserError(
+            f"model.path {cfg.model.path}: the experts apply hidden_act={model_config.hidden_act!r}, which "
+            f"DeepSpeed AutoEP's gated experts do not compute (they compute {sorted(EXPERT_ACTIVATIONS)}); "
+            "training this model would apply another function"
         )
     for split in ("train", "valid"):
         data = PackedTokenDataset(cfg.data.path, split, cfg.train.seq_len, cfg.train.seed, cfg.data.weights)

@@ -82,7 +82,7 @@ def test_verify_and_plan_report_the_shared_expert(dense_llama, tmp_path, capsys)
         "R=4 copies x G - S = 2 routed shards" in out
         and "shared expert: shards 0..1 of G=4 (width 64)" in out
     )
-    assert "MoE 8 x SwiGLU(I=32), top-2 + shared SwiGLU(64)" in out
+    assert "MoE 8 x GLU[silu](I=32), top-2 + shared GLU[silu](64)" in out
     assert "whole virtual groups in 768/768 routings" in out  # 256 tokens x 3 layers
     moe = read_hf_config(tmp_path)[1].moe
     assert (moe.shared_shards, moe.group_size, moe.expansion_rate, moe.shared_intermediate_size) == (

@@ -29,21 +29,16 @@ LLAMA3_ROPE_TIED = {
 
 
 def save_hf_model(family: str, path, seed: int = 0, max_shard_size: str | None = None, **overrides):
-    """Build a tiny random `transformers` model of a family ('llama', 'mistral', 'qwen2', 'qwen3') and save
-    it."""
+    """Build a tiny random `transformers` model of a family (its `model_type`: 'llama', 'gemma3_text', ...)
+    with transformers' own classes, and save it."""
     import transformers
 
-    config_cls, model_cls = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-    }[family]
     kwargs = {**TINY, **copy.deepcopy(overrides)}  # config classes may edit nested dicts in place
     if family == "mistral":
         kwargs.setdefault("sliding_window", None)
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**kwargs)).eval()
+    config = transformers.AutoConfig.for_model(family, **kwargs)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     # Random norm weights, so that a wrong norm implementation cannot hide behind weight = 1.
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -1,0 +1,132 @@
+"""Any transformers decoder with a gated MLP is upcycled (issue: Gemma, Phi, OLMo, Granite, SmolLM3, ERNIE,
+GLM, Seed-OSS): the backbone is transformers' own class of the family (pipeline/backbone.py), so the dense
+model we load computes exactly what transformers computes, and the upcycled one computes the dense model
+within the routing's tolerance. Each tiny model comes from transformers' own classes with perturbed norms
+and biases, and with the family's distinctive features switched on (soft-capping, sandwich norms and
+local/global windows, fused projections and partial rotary, multipliers, NoPE layers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hf_models import rel, save_hf_model
+
+from pipeline import load_model
+from pipeline.cli import main
+from pipeline.config import read_hf_config
+from pipeline.moe import activation
+from pipeline.verify import whole_group_mask
+
+SPECIAL = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}  # ids inside the tiny vocabulary
+WINDOW = 16  # shorter than the 40 tokens compared
+FAMILIES = {
+    # model_type: config overrides that switch the family's own features on
+    "gemma2": {"head_dim": 16, "sliding_window": WINDOW, "attn_logit_softcapping": 20.0,
+               "final_logit_softcapping": 10.0, "query_pre_attn_scalar": 24},
+    "gemma3_text": {"head_dim": 16, "sliding_window": WINDOW,
+                    "layer_types": ["sliding_attention", "full_attention"] * 2},
+    "phi3": {"partial_rotary_factor": 0.5},
+    "olmo2": {},
+    "olmo3": {"sliding_window": WINDOW, "layer_types": ["sliding_attention"] * 3 + ["full_attention"]},
+    "granite": {"embedding_multiplier": 12.0, "residual_multiplier": 0.22, "attention_multiplier": 0.1,
+                "logits_scaling": 8.0},
+    "smollm3": {"no_rope_layer_interval": 2},
+    "ernie4_5": {"use_bias": True},
+    "glm4": {"partial_rotary_factor": 0.5},
+    "seed_oss": {"attention_bias": True},
+}  # fmt: skip
+IDS = torch.randint(3, 211, (2, 40), generator=torch.Generator().manual_seed(1))
+
+
+def dense(family: str, path):
+    """(directory, transformers model) of the family's tiny dense model, 4 layers."""
+    model = save_hf_model(family, path, num_hidden_layers=4, **SPECIAL, **FAMILIES[family])
+    return path, model
+
+
+def convert(dense_dir, out, *args: str) -> None:
+    assert main(["convert", "--dense", str(dense_dir), "--out", str(out), *args]) == 0
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dense_logits_are_transformers(tmp_path, family):
+    path, model = dense(family, tmp_path)
+    with torch.no_grad():
+        assert rel(load_model(path)(IDS), model(IDS).logits) <= 1e-6
+    assert not read_hf_config(path)[1].exportable_family
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_upcycled_logits_match_dense(tmp_path, family, capsys):
+    path, model = dense(family, tmp_path / "dense")
+    with torch.no_grad():
+        expected = model(IDS).logits
+    convert(path, tmp_path / "e8t2", "--experts", "8", "--top-k", "2", "--routing", "topk-softmax")
+    moe = load_model(tmp_path / "e8t2")
+    with torch.no_grad():
+        e8t2 = rel(moe(IDS), expected)
+    blocks = moe.moe_blocks()
+    act = read_hf_config(path)[1].hidden_act  # the dense MLP's: gelu_pytorch_tanh for Gemma
+    assert act == getattr(model.config, "hidden_activation", None) or model.config.hidden_act
+    assert len(blocks) == 4 and all(
+        type(block.experts.act_fn) is type(activation(act)) for _, block in blocks
+    )
+    for _, block in blocks:
+        assert whole_group_mask(block.last_router_logits_TN.topk(2, dim=-1).indices, 1).all()
+    args = ["--experts", "16", "--top-k", "4", "--granularity", "2", "--moe-layers", "every:2"]
+    convert(path, tmp_path / "e16t4g2", *args)
+    moe = load_model(tmp_path / "e16t4g2")
+    with torch.no_grad():
+        e16 = rel(moe(IDS), expected)
+    assert [i for i, _ in moe.moe_blocks()] == [0, 2]
+    with capsys.disabled():
+        print(f"\n{family}: E8T2 topk-softmax {e8t2:.1e}, E16T4G2 softmax-topk every:2 {e16:.1e}")
+    assert e8t2 <= 1e-5 and e16 <= 2e-3
+
+
+def test_the_fused_projection_is_split_gate_rows_first(tmp_path):
+    """Phi-3's gate_up_proj [2F, H]: gate rows, then up rows; expert 0 of E8T2 G1 is the whole MLP."""
+    path, model = dense("phi3", tmp_path / "dense")
+    convert(path, tmp_path / "moe", "--experts", "4", "--top-k", "1", "--no-weight-scaling")
+    experts = load_model(tmp_path / "moe").model.layers[1].mlp.experts
+    assert torch.equal(experts.gate_up_proj[0], model.model.layers[1].mlp.gate_up_proj.weight)
+
+
+@pytest.mark.parametrize(
+    "family,mlp_class",
+    [("nemotron", "NemotronMLP"), ("gpt_neox", "GPTNeoXMLP")],  # non-gated: the next forms to support
+)
+def test_a_decoder_whose_mlp_is_not_gated_is_refused_naming_its_class(tmp_path, family, mlp_class, capsys):
+    save_hf_model(family, tmp_path / "dense", **SPECIAL)
+    assert main(["convert", "--dense", str(tmp_path / "dense"), "--out", str(tmp_path / "out"),
+                 "--experts", "8", "--top-k", "2"]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert f"is {mlp_class} with parameters" in err and "not a gated MLP" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unknown_model_type_is_refused(tmp_path, capsys):
+    path, _ = dense("olmo2", tmp_path / "dense")
+    config = (path / "config.json").read_text().replace('"olmo2"', '"not_a_family"')
+    (path / "config.json").write_text(config)
+    assert main(["convert", "--dense", str(path), "--out", str(tmp_path / "out"), "--experts", "8",
+                 "--top-k", "2"]) == 2  # fmt: skip
+    assert "model_type='not_a_family' is not a model type transformers" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3"])
+def test_export_refuses_with_a_reason_and_the_model_stays_usable(tmp_path, family, capsys):
+    path, _ = dense(family, tmp_path / "dense")
+    convert(path, tmp_path / "moe", "--experts", "8", "--top-k", "2")
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(tmp_path / "moe"), "--out", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert f"model_type='{family}': no stock transformers MoE class computes an upcycled" in err
+    assert "pipeline.load_model" in err and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "phi3"])
+def test_a_dense_model_of_any_family_exports_to_its_own_class(tmp_path, family, capsys):
+    path, model = dense(family, tmp_path / "dense")
+    assert main(["export", "--checkpoint", str(path), "--out", str(tmp_path / "hf"), "--verify"]) == 0
+    assert f"as {type(model).__name__}" in capsys.readouterr().out
