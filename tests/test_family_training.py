@@ -1,8 +1,10 @@
-"""Families beyond Llama/Qwen trained on 2 CPU ranks with DeepSpeed AutoEP: transformers' own Gemma 3 (gated
-MLP with gelu_pytorch_tanh, AutoEP's geglu_tanh experts; sliding and full attention layers) and Phi-3
-(gate_up_proj fused, silu, partial rotary) are upcycled E8 top-2, trained at EP 2 with the fast path on
-every AutoEP layer, start from the dense model's loss, checkpoint and evaluate; an activation AutoEP does
-not compute (exact gelu) is refused before any process starts.
+"""A family beyond Llama/Qwen through upcycle's own launcher on 2 CPU ranks with DeepSpeed AutoEP:
+transformers' own Gemma 3 (gated MLP with gelu_pytorch_tanh, AutoEP's geglu_tanh experts; sliding and full
+attention layers) upcycled E8 top-2, trained at EP 2 with the fast path on every AutoEP layer, starting
+from the dense model's loss, checkpointed and evaluated; an activation AutoEP does not compute (exact gelu)
+is refused before any process starts. (Every family, Phi-3's fused projections included, trains at EP 2 in
+tests/test_any_family.py through deepspeed.initialize; this file adds the launcher, preflight, checkpoint
+and eval.)
 
 One upcycled run (3 steps, EP 2) and one dense run (1 step, EP 1) per family, trained once for the module
 (`family_run`, parametrized over FAMILIES).
@@ -46,7 +48,6 @@ FAMILIES = {
         "gemma3_text", {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]},
         ("gelu_pytorch_tanh", False), "geglu_tanh",
     ),
-    "phi3": ("phi3", {"partial_rotary_factor": 0.5}, ("silu", True), "swiglu"),
 }  # fmt: skip
 CONVERT = ("--experts", "8", "--top-k", "2")
 RUN = ("--output.eval_interval", "0", "--output.checkpoint_interval", "0")  # one save, at the end
