@@ -64,42 +64,49 @@ def hf_config(config: ModelConfig, attention: str = ATTENTION):
 
 @dataclass(frozen=True)
 class MLPForm:
-    """What `upcycle convert` needs to know of a dense MLP: down(act(gate(x)) * up(x)), with gate and up
-    as `gate_proj`/`up_proj` or fused in `gate_up_proj` [2F, H] (gate rows first)."""
+    """What `upcycle convert` needs to know of a dense MLP. Gated: down(act(gate(x)) * up(x)), with gate and
+    up as `gate_proj`/`up_proj` or fused in `gate_up_proj` [2F, H] (gate rows first). Non-gated:
+    down(act(up(x))) under the family's projection names (`names`: up, down)."""
 
     act: str  # transformers' `hidden_act` name
     fused: bool
     bias: bool
+    gated: bool = True
+    names: tuple[str, str] = ("up_proj", "down_proj")
 
 
 SEPARATE, FUSED = ("gate_proj", "up_proj", "down_proj"), ("gate_up_proj", "down_proj")
+# (up, down) of the non-gated MLPs: Nemotron, Arcee, Jais2; GPT-NeoX; Phi; Starcoder2
+NON_GATED = (("up_proj", "down_proj"), ("dense_h_to_4h", "dense_4h_to_h"), ("fc1", "fc2"), ("c_fc", "c_proj"))
 TINY_MLP = {"hidden_size": 8, "intermediate_size": 12}  # the sizes of the behaviour check's MLP
 
 
 def dense_mlp_form(hf, source: str) -> MLPForm:
     """The form of the MLP of every decoder layer of `hf`'s model class, checked twice: by its projections'
-    names and by its behaviour (a small MLP of the same class against down(act(gate(x)) * up(x)) with the
-    config's activation). UserError naming the module's class otherwise."""
+    names and by its behaviour (a small MLP of the same class against the form's formula with the config's
+    activation). UserError naming the module's class otherwise."""
     with parameters_on_meta(), _no_init_weights():
         model = _auto_model(hf)
     kinds = {type(layer.mlp) for layer in _layers(model, source)}
     if len(kinds) != 1:
-        raise UserError(
-            f"{source}: the decoder layers have MLPs of several classes ({sorted(k.__name__ for k in kinds)})"
-        )
+        names = sorted(kind.__name__ for kind in kinds)
+        raise UserError(f"{source}: the decoder layers have MLPs of several classes ({names})")
     mlp = decoder_layers(model)[0].mlp
     linears = {name for name, module in mlp.named_children() if isinstance(module, nn.Linear)}
     act = getattr(hf, "hidden_activation", None) or getattr(hf, "hidden_act", None)
-    fused = set(FUSED) <= linears
-    if not (set(SEPARATE) <= linears or fused) or not isinstance(act, str):
+    bias = any(name.endswith("bias") for name, _ in mlp.named_parameters())
+    non_gated = [pair for pair in NON_GATED if set(pair) == linears]
+    if isinstance(act, str) and (set(SEPARATE) <= linears or set(FUSED) <= linears):
+        form = MLPForm(act=act, fused=set(FUSED) <= linears, bias=bias)
+    elif isinstance(act, str) and non_gated:
+        form = MLPForm(act=act, fused=False, bias=bias, gated=False, names=non_gated[0])
+    else:
         params = [name for name, _ in mlp.named_parameters()]
         raise UserError(
             f"{source}: the MLP of {hf.model_type} is {type(mlp).__name__} with parameters {params}: not a "
-            "gated MLP (gate_proj, up_proj, down_proj, or gate_up_proj and down_proj, with the config's "
-            "hidden_act); upcycling other forms is not supported yet"
+            "form upcycle convert knows (gated: gate_proj, up_proj, down_proj or gate_up_proj, down_proj; "
+            f"non-gated: one of {[list(pair) for pair in NON_GATED]}; with the config's hidden_act)"
         )
-    bias = any(name.endswith("bias") for name, _ in mlp.named_parameters())
-    form = MLPForm(act=act, fused=fused, bias=bias)
     _check_behaviour(type(mlp), hf, form, source)
     return form
 
@@ -116,19 +123,25 @@ def _check_behaviour(mlp_class: type, hf, form: MLPForm, source: str) -> None:
             nn.init.normal_(p, std=0.5)
         x = torch.randn(5, TINY_MLP["hidden_size"])
         with torch.no_grad():
-            if form.fused:
-                gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
-            else:
-                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-            expected = mlp.down_proj(activation(form.act)(gate) * up)
+            expected = _formula(mlp, form, x)
             same = torch.allclose(mlp(x), expected, rtol=1e-5, atol=1e-6)
     finally:
         torch.random.set_rng_state(torch_state)
     if not same:
+        formula = "down(act(gate(x)) * up(x))" if form.gated else "down(act(up(x)))"
         raise UserError(
-            f"{source}: {mlp_class.__name__} does not compute down(act(gate(x)) * up(x)) with "
-            f"act = {form.act!r}: its form is not one `upcycle convert` knows"
+            f"{source}: {mlp_class.__name__} does not compute {formula} with act = {form.act!r}: its form "
+            "is not one `upcycle convert` knows"
         )
+
+
+def _formula(mlp: nn.Module, form: MLPForm, x: torch.Tensor) -> torch.Tensor:
+    act = activation(form.act)
+    if not form.gated:
+        up, down = (getattr(mlp, name) for name in form.names)
+        return down(act(up(x)))
+    gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1) if form.fused else (mlp.gate_proj(x), mlp.up_proj(x))
+    return mlp.down_proj(act(gate) * up)
 
 
 @contextlib.contextmanager
@@ -180,12 +193,24 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return model.base_model.layers
 
 
+# Where every family this version upcycles keeps its decoder layers: the prefix of the checkpoint names, of
+# AutoEP's layer pattern (state_dict_adapters.MOE_LAYER_PATTERN) and of the converter's MLP tensors.
+LAYERS_MODULE = "model.layers"
+
+
 def _layers(model: nn.Module, source: str) -> nn.ModuleList:
     layers = getattr(model.base_model, "layers", None)
+    where = next((name for name, module in model.named_modules() if module is layers), None)
     if not isinstance(layers, nn.ModuleList) or not all(hasattr(layer, "mlp") for layer in layers):
         raise UserError(
             f"{source}: model_type={model.config.model_type!r}: {type(model).__name__} keeps no decoder "
             "layers with an `mlp` under `.layers`: not a decoder this project can upcycle"
+        )
+    if where != LAYERS_MODULE:
+        raise UserError(
+            f"{source}: model_type={model.config.model_type!r}: {type(model).__name__} keeps its decoder "
+            f"layers at `{where}`, and this version upcycles models whose layers are `{LAYERS_MODULE}` "
+            "(the names its checkpoints, DeepSpeed AutoEP's layer pattern and the converter use)"
         )
     return layers
 
@@ -213,6 +238,7 @@ def moe_block(config: ModelConfig) -> MoEBlock:
         bias=config.mlp_bias,
         shared_intermediate_size=moe.shared_intermediate_size,
         act=config.hidden_act,
+        gated=config.mlp_gated,
     )
 
 

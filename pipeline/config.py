@@ -212,6 +212,10 @@ class ModelConfig:
     # and up are one `gate_up_proj` [2F, H], gate rows first (Phi-3, GLM-4).
     hidden_act: str = "silu"
     mlp_fused: bool = False
+    # Non-gated MLPs, down(act(up(x))) (Nemotron's squared ReLU, GPT-NeoX's gelu): the family's (up, down)
+    # projection names.
+    mlp_gated: bool = True
+    mlp_names: tuple[str, str] = ("up_proj", "down_proj")
 
     def __post_init__(self) -> None:
         bad = [i for i in self.sliding_layers if not 0 <= i < self.num_hidden_layers]
@@ -341,6 +345,8 @@ def _any_family(cls, d: dict, source: str) -> ModelConfig:
             hf={key: value for key, value in d.items() if key != "moe"},
             hidden_act=form.act,
             mlp_fused=form.fused,
+            mlp_gated=form.gated,
+            mlp_names=form.names,
         )
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None

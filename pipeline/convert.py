@@ -136,7 +136,7 @@ def convert(
     max_shard_bytes: int,
 ) -> list[str]:
     """Write the upcycled checkpoint (weights, index, config.json) to `out`; return the weight files."""
-    parts = FUSED_PARTS if config.mlp_fused else MLP_PARTS
+    parts = FUSED_PARTS if config.mlp_fused else MLP_PARTS if config.mlp_gated else config.mlp_names
     expected = [f"{mlp_prefix(i)}{part}.weight" for i in moe.layers for part in parts]
     missing = [name for name in expected if name not in reader]
     if missing:
@@ -166,8 +166,15 @@ def mlp_prefix(layer: int) -> str:
 
 
 def dense_mlp(reader: CheckpointReader, config: ModelConfig, layer: int) -> tuple[list, list]:
-    """([gate_FH, up_FH, down_HF], [their biases] or []) of a dense MLP, a fused gate_up_proj split."""
+    """([gate_FH, up_FH, down_HF], [their biases] or []) of a dense MLP, a fused gate_up_proj split; a
+    non-gated MLP's gate (and its bias) is None."""
     prefix = mlp_prefix(layer)
+    if not config.mlp_gated:
+        up, down = config.mlp_names
+        weights = [None, reader.get(f"{prefix}{up}.weight"), reader.get(f"{prefix}{down}.weight")]
+        if not config.mlp_bias:
+            return weights, []
+        return weights, [None, reader.get(f"{prefix}{up}.bias"), reader.get(f"{prefix}{down}.bias")]
     if config.mlp_fused:
         gate_FH, up_FH = reader.get(f"{prefix}gate_up_proj.weight").chunk(2, dim=0)
         return [gate_FH, up_FH, reader.get(f"{prefix}down_proj.weight")], []
@@ -179,7 +186,7 @@ def dense_mlp(reader: CheckpointReader, config: ModelConfig, layer: int) -> tupl
 def _upcycle_layer(reader: CheckpointReader, config: ModelConfig, moe: MoEConfig, layer: int, dtype) -> dict:
     """The MoE block's tensors but the router, named relative to `model.layers.{layer}.mlp.`."""
     weights, biases = dense_mlp(reader, config, layer)
-    routed = upcycle_mlp(moe, *weights, *biases, dtype=dtype, layer=layer)
+    routed = upcycle_mlp(moe, *weights, *biases, dtype=dtype, layer=layer, act=config.hidden_act)
     tensors = {f"experts.{name}": tensor for name, tensor in routed.items()}
     if moe.shared_shards:
         tensors |= upcycle_shared_expert(moe, *weights, dtype=dtype)
@@ -233,7 +240,7 @@ def format_plan(dense: ModelConfig, moe: MoEConfig) -> str:
         f"{'layer':>5}  mlp",
     ]
     for i in range(dense.num_hidden_layers):
-        glu = f"GLU[{dense.hidden_act}]"
+        glu = f"GLU[{dense.hidden_act}]" if dense.mlp_gated else f"MLP[{dense.hidden_act}]"
         shared = f" + shared {glu}({moe.shared_intermediate_size})" if moe.shared_shards else ""
         kind = (
             f"MoE {moe.num_experts} x {glu}(I={I}), top-{moe.top_k}{shared}"

@@ -142,8 +142,16 @@ def _grouped_mm_available(x: torch.Tensor) -> bool:
     )
 
 
+def unbound(param: torch.Tensor | None, num_experts: int) -> list:
+    """The N experts' slices of a [N, ...] parameter (N Nones for a missing bias). unbind once: indexing
+    `param[e]` per expert would make autograd build a full-size zero gradient for every expert (N^2 memory
+    traffic); unbind's backward stacks the N grads once."""
+    return [None] * num_experts if param is None else list(param.unbind(0))
+
+
 class Experts(nn.Module):
-    """N SwiGLU experts stored as 3-D tensors; `forward` takes tokens already sorted by expert."""
+    """N gated experts, down(act(gate(x)) * up(x)), stored as 3-D tensors; `forward` takes tokens already
+    sorted by expert."""
 
     def __init__(
         self,
@@ -173,12 +181,10 @@ class Experts(nn.Module):
         return self.act_fn(gate_SI) * up_SI
 
     def _forward_loop(self, x_SH: torch.Tensor, tokens_per_expert_N: torch.Tensor) -> torch.Tensor:
-        # unbind once: indexing `param[e]` per expert would make autograd build a full-size zero
-        # gradient for every expert (N^2 memory traffic); unbind's backward stacks the N grads once.
-        gate_up_N, down_N = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
-        has_bias = self.gate_up_bias is not None
-        gate_up_bias_N = self.gate_up_bias.unbind(0) if has_bias else [None] * self.num_experts
-        down_bias_N = self.down_bias.unbind(0) if has_bias else [None] * self.num_experts
+        N = self.num_experts
+        gate_up_N, down_N, gate_up_bias_N, down_bias_N = (
+            unbound(p, N) for p in (self.gate_up_proj, self.down_proj, self.gate_up_bias, self.down_bias)
+        )
 
         def expert(e: int, x_eH: torch.Tensor) -> torch.Tensor:
             h_eI = self._swiglu(F.linear(x_eH, gate_up_N[e], gate_up_bias_N[e]))
@@ -191,6 +197,31 @@ class Experts(nn.Module):
         offsets_N = tokens_per_expert_N.cumsum(0).to(torch.int32)
         gate_up_S2I = torch._grouped_mm(x_SH, self.gate_up_proj.transpose(-2, -1), offs=offsets_N)
         return torch._grouped_mm(self._swiglu(gate_up_S2I), self.down_proj.transpose(-2, -1), offs=offsets_N)
+
+
+class NonGatedExperts(nn.Module):
+    """N non-gated experts, down(act(up(x))) (Nemotron's squared ReLU, GPT-NeoX's gelu), as 3-D tensors:
+    `up_proj` [N, I, H], `down_proj` [N, H, I], optional `up_bias` [N, I] and `down_bias` [N, H]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, bias=False, act="relu2"):
+        super().__init__()
+        self.num_experts, self.intermediate_size = num_experts, intermediate_size
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.up_bias = nn.Parameter(torch.empty(num_experts, intermediate_size)) if bias else None
+        self.down_bias = nn.Parameter(torch.empty(num_experts, hidden_size)) if bias else None
+        self.act_fn = activation(act)
+
+    def forward(self, x_SH: torch.Tensor, tokens_per_expert_N: torch.Tensor) -> torch.Tensor:
+        N = self.num_experts
+        up_N, down_N, up_bias_N, down_bias_N = (
+            unbound(p, N) for p in (self.up_proj, self.down_proj, self.up_bias, self.down_bias)
+        )
+
+        def expert(e: int, x_eH: torch.Tensor) -> torch.Tensor:
+            return F.linear(self.act_fn(F.linear(x_eH, up_N[e], up_bias_N[e])), down_N[e], down_bias_N[e])
+
+        return run_per_expert(expert, x_SH, tokens_per_expert_N)
 
 
 def activation(name: str) -> nn.Module:
@@ -240,11 +271,13 @@ class MoEBlock(nn.Module):
         bias: bool = False,
         shared_intermediate_size: int = 0,
         act: str = "silu",
+        gated: bool = True,
     ):
         super().__init__()
         self.num_experts, self.top_k, self.routing = num_experts, top_k, routing
         self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.experts = Experts(num_experts, hidden_size, intermediate_size, bias=bias, act=act)
+        experts = Experts if gated else NonGatedExperts
+        self.experts = experts(num_experts, hidden_size, intermediate_size, bias=bias, act=act)
         if shared_intermediate_size:
             self.shared_expert = GatedMLP(hidden_size, shared_intermediate_size, act=act)
             self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)

@@ -61,6 +61,12 @@ def prepare(argv: list[str], world_size: int | None = None) -> tuple[RunConfig, 
             f"model.path {cfg.model.path}: MoE experts with biases (mlp_bias) are not supported by "
             "DeepSpeed AutoEP training"
         )
+    if model_config.moe and not model_config.mlp_gated:
+        raise UserError(
+            f"model.path {cfg.model.path}: the experts are non-gated (down(act(up(x))), "
+            f"hidden_act={model_config.hidden_act!r}), and DeepSpeed AutoEP's experts are gated only: "
+            "training them is not supported yet (convert, load_model and upcycle eval are)"
+        )
     if model_config.moe and model_config.hidden_act not in EXPERT_ACTIVATIONS:
         raise UserError(
             f"model.path {cfg.model.path}: the experts apply hidden_act={model_config.hidden_act!r}, which "

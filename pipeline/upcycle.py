@@ -88,6 +88,11 @@ def make_moe_config(
     if routing not in ROUTINGS:
         raise UserError(f"--routing {routing!r}: expected one of {ROUTINGS}")
     check_moe_shape(N, K, G, S, describe=lambda field, value: f"{FLAGS[field]} {value}")
+    if S and not config.mlp_gated:
+        raise UserError(
+            f"--shared-shards {S}: the dense MLP is not gated ({config.hidden_act}), and the shared "
+            "expert is Qwen2MoE's gated one"
+        )
     if S and config.mlp_bias:
         raise UserError(
             f"--shared-shards {S}: the dense MLP has biases (mlp_bias=true), and a shared expert with "
@@ -143,7 +148,7 @@ DROP_STREAM = 1 << 40
 
 def upcycle_mlp(
     moe: MoEConfig,
-    gate_FH: torch.Tensor,
+    gate_FH: torch.Tensor | None,
     up_FH: torch.Tensor,
     down_HF: torch.Tensor,
     gate_bias_F: torch.Tensor | None = None,
@@ -151,34 +156,52 @@ def upcycle_mlp(
     down_bias_H: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float32,
     layer: int = 0,
+    act: str = "silu",
 ) -> dict[str, torch.Tensor]:
     """Routed expert tensors in `dtype` for the dense MLP of decoder `layer`, named as in the block's
-    `experts` (the shared expert's shards, 0..S-1, are `shared_expert`'s).
+    `experts` (the shared expert's shards, 0..S-1, are `shared_expert`'s). `gate_FH` None: a non-gated MLP,
+    down(act(up(x))), whose `act` decides the scaling (`projection_scales`).
 
-    Shard s takes rows [s*I, (s+1)*I) of gate and up and the same columns of down. up and down are both
-    multiplied by sqrt(c): SwiGLU is linear in each, so the product restores the shards' part of dense(x)
-    exactly. The scaling runs in fp32 on the G - S routed shards once; only then are they cast and
-    replicated R times. With moe.drop_ratio > 0 every one of the N experts is built on its own first
-    (`drop_neurons`), then scaled.
+    Shard s takes rows [s*I, (s+1)*I) of gate and up and the same columns of down. up and down are scaled so
+    that the product restores the shards' part of dense(x) exactly (`projection_scales`). The scaling runs in
+    fp32 on the G - S routed shards once; only then are they cast and replicated R times. With
+    moe.drop_ratio > 0 every one of the N experts is built on its own first (`drop_neurons`), then scaled.
     """
     G, I, S = moe.granularity, moe.expert_intermediate_size, moe.shared_shards
-    H = gate_FH.shape[1]
+    H = up_FH.shape[1]
     # fp32 shards, the neuron on dim 1 except for down ([G, H, I]); views, never written to.
-    shards = {
-        "gate": gate_FH.float().reshape(G, I, H),
-        "up": up_FH.float().reshape(G, I, H),
-        "down": down_HF.float().reshape(H, G, I).permute(1, 0, 2),
-    }
+    shards = {"up": up_FH.float().reshape(G, I, H), "down": down_HF.float().reshape(H, G, I).permute(1, 0, 2)}
+    if gate_FH is not None:
+        shards["gate"] = gate_FH.float().reshape(G, I, H)
+    if up_bias_F is not None:
+        shards["up_bias"] = up_bias_F.float().reshape(G, I)
     if gate_bias_F is not None:
-        shards |= {"gate_bias": gate_bias_F.float().reshape(G, I), "up_bias": up_bias_F.float().reshape(G, I)}
+        shards["gate_bias"] = gate_bias_F.float().reshape(G, I)
     routed = {name: shards_G[S:] for name, shards_G in shards.items()}
+    scales = projection_scales(moe.expert_scale, gate_FH is not None, act)
     if moe.drop_ratio > 0:
         # a dropped neuron is drawn from its whole dense matrix's statistics, shared shards included
         stats = {name: (shards_G.mean(), shards_G.std()) for name, shards_G in shards.items()}
-        return _scaled_experts(
-            moe, drop_neurons(moe, routed, stats, drop_generator(moe, layer)), 1, down_bias_H, dtype
-        )
-    return _scaled_experts(moe, routed, moe.expansion_rate, down_bias_H, dtype)
+        experts = drop_neurons(moe, routed, stats, drop_generator(moe, layer))
+        return _scaled_experts(moe, experts, 1, down_bias_H, dtype, scales)
+    return _scaled_experts(moe, routed, moe.expansion_rate, down_bias_H, dtype, scales)
+
+
+# Activations positively homogeneous of a degree p, act(a z) = a^p act(z) for a > 0 (transformers' names).
+HOMOGENEOUS = {"relu": 1, "relu2": 2}
+
+
+def projection_scales(c: float, gated: bool, act: str) -> tuple[float, float]:
+    """(up scale, down scale) whose effect on an expert's output is exactly the factor c (docs/design.md §2):
+    gated, down(act(gate x) * a up x) b: linear in up and in down, so sqrt(c) each (act(gate) untouched);
+    non-gated with act of degree p (squared ReLU: 2), b down(act(a up x)) = a^p b (...): c^(1/(p+1)) each,
+    the paper's c^(1/3) for Nemotron's squared ReLU; any other activation (gelu): down alone, times c."""
+    if gated:
+        return math.sqrt(c), math.sqrt(c)
+    if act in HOMOGENEOUS:
+        root = c ** (1 / (HOMOGENEOUS[act] + 1))
+        return root, root
+    return 1.0, c
 
 
 # The shared expert's sigmoid gate starts at w = 0, a gate of exactly 0.5 for every token; its down_proj
@@ -201,24 +224,28 @@ def upcycle_shared_expert(
     }
 
 
-def _scaled_experts(moe: MoEConfig, parts: dict, copies: int, down_bias_H, dtype) -> dict[str, torch.Tensor]:
-    """Scale up and down by sqrt(c) in fp32, cast, and repeat `copies` times along the expert dim.
+def _scaled_experts(
+    moe: MoEConfig, parts: dict, copies: int, down_bias_H, dtype, scales: tuple[float, float]
+) -> dict[str, torch.Tensor]:
+    """Scale up and down (`scales`) in fp32, cast, and repeat `copies` times along the expert dim.
 
-    `parts` hold the G - S routed shards (copies = R) or, after `drop_neurons`, all N experts (copies = 1).
+    `parts` hold the G - S routed shards (copies = R) or, after `drop_neurons`, all N experts (copies = 1);
+    with a "gate" they are gated experts (`gate_up_proj`), without one non-gated (`up_proj`).
     """
-    root_c = math.sqrt(moe.expert_scale)
-    gate, up, down = (
-        parts["gate"].to(dtype),
-        (parts["up"] * root_c).to(dtype),
-        (parts["down"] * root_c).to(dtype),
-    )
-    tensors = {
-        "gate_up_proj": torch.cat([gate, up], dim=1).repeat(copies, 1, 1),  # [N, 2I, H], e = r*G + s
-        "down_proj": down.repeat(copies, 1, 1),  # [N, H, I]
-    }
-    if "gate_bias" in parts:
-        up_bias = parts["up_bias"] * root_c
-        tensors["gate_up_bias"] = torch.cat([parts["gate_bias"], up_bias], dim=1).repeat(copies, 1)
+    up_scale, down_scale = scales
+    up = (parts["up"] * up_scale).to(dtype)
+    if "gate" in parts:  # [N, 2I, H], e = r*G + s
+        tensors = {"gate_up_proj": torch.cat([parts["gate"].to(dtype), up], dim=1).repeat(copies, 1, 1)}
+    else:
+        tensors = {"up_proj": up.repeat(copies, 1, 1)}  # [N, I, H]
+    tensors["down_proj"] = (parts["down"] * down_scale).to(dtype).repeat(copies, 1, 1)  # [N, H, I]
+    if "up_bias" in parts:
+        up_bias = parts["up_bias"] * up_scale  # part of the up projection, scaled with it
+        if "gate_bias" in parts:
+            tensors["gate_up_bias"] = torch.cat([parts["gate_bias"], up_bias], dim=1).repeat(copies, 1)
+        else:
+            tensors["up_bias"] = up_bias.repeat(copies, 1)
+    if down_bias_H is not None:
         # The dense output bias belongs once to the sum: K/G groups x G shards, each weighted ~1/c,
         # must add up to b, so every expert carries b * c / G (biases come without a shared expert: S = 0).
         tensors["down_bias"] = (

@@ -143,21 +143,34 @@ def test_the_trained_checkpoint_evaluates(family_run, capsys):
     assert math.isfinite(result["perplexity"]) and result["perplexity"] > 1
 
 
-def test_an_activation_autoep_does_not_compute_is_refused(train_workspace, tmp_path):
-    """Exact gelu upcycles (our experts apply the dense MLP's own activation), but AutoEP's gated experts
-    compute only silu and tanh-gelu: the trainer's preflight refuses the model naming hidden_act='gelu'
-    before any process group starts, and writes nothing."""
+def upcycled_and_refused(ws: Path, tmp_path: Path, model_type: str, message: str, **overrides):
+    """The workspace-tokenizer model of `model_type` upcycles; the trainer's preflight then refuses it with
+    `message` before any process group starts and writes nothing. Its parsed config, for more checks."""
     from pipeline.preflight import prepare
 
-    ws = train_workspace
-    dense, moe = tmp_path / "gelu_dense", tmp_path / "gelu_moe"
-    save_family_model("gemma3_text", dense, ws / "tok", hidden_activation="gelu", sliding_window=16,
-                      layer_types=["sliding_attention", "full_attention"])  # fmt: skip
+    dense, moe, out = tmp_path / "dense", tmp_path / "moe", tmp_path / "run"
+    save_family_model(model_type, dense, ws / "tok", **overrides)
     assert main(["convert", "--dense", str(dense), "--out", str(moe), *CONVERT]) == 0
-    assert read_hf_config(moe)[1].hidden_act == "gelu"
-    out = tmp_path / "gelu_run"
     argv = ["--config", TINY_CONFIG, "--model.path", str(moe), "--data.path", str(ws / "data"),
             "--output.dir", str(out)]  # fmt: skip
-    with pytest.raises(UserError, match=r"hidden_act='gelu'"):
+    with pytest.raises(UserError, match=message):
         prepare(argv, world_size=2)
     assert not out.exists()
+    return read_hf_config(moe)[1]
+
+
+def test_an_activation_autoep_does_not_compute_is_refused(train_workspace, tmp_path):
+    """Exact gelu upcycles (our experts apply the dense MLP's own activation), but AutoEP's gated experts
+    compute only silu and tanh-gelu: refused naming hidden_act='gelu'."""
+    windows = {"sliding_window": 16, "layer_types": ["sliding_attention", "full_attention"]}
+    config = upcycled_and_refused(
+        train_workspace, tmp_path, "gemma3_text", r"hidden_act='gelu'", hidden_activation="gelu", **windows
+    )
+    assert config.hidden_act == "gelu"
+
+
+def test_non_gated_experts_are_refused_for_training(train_workspace, tmp_path):
+    """Nemotron's squared-ReLU MLP upcycles (and loads and evaluates), but DeepSpeed AutoEP's experts are
+    gated only."""
+    message = r"non-gated .*hidden_act='relu2'.*gated only"
+    assert upcycled_and_refused(train_workspace, tmp_path, "nemotron", message).mlp_gated is False
