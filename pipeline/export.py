@@ -326,6 +326,53 @@ def rope_parameters(config: ModelConfig) -> dict:
     return params
 
 
+# Stock MoE classes whose decoder is another family's (the dense model_type's): the attention, norms and rope
+# are that family's, so an upcycled model of it exports there exactly, when its MoE layers fit the class.
+FAMILY_TARGETS = {"olmo2": "FlexOlmoForCausalLM"}  # OLMo 2's attention and post-norms, OlmoE's routing
+
+
+def family_target(config: ModelConfig) -> str:
+    """FAMILY_TARGETS' class for `config`, or UserError with what the class cannot represent."""
+    moe, arch = config.moe, FAMILY_TARGETS[config.model_type]
+    problems = {
+        "MoE on some layers only (it has an MoE block in every layer)": tuple(moe.layers)
+        != tuple(range(config.num_hidden_layers)),
+        "a shared expert (it has none)": moe.shared_shards > 0,
+        f"hidden_act={config.hidden_act!r} (its experts are SwiGLU)": config.hidden_act
+        not in ("silu", "swish"),
+        "MLP biases (its experts have none)": config.mlp_bias,
+    }
+    found = [problem for problem, present in problems.items() if present]
+    if found:
+        raise UserError(
+            f"model_type={config.model_type!r}: {arch}, the stock MoE class of {config.model_type}, cannot "
+            f"compute this model: {'; '.join(found)}"
+        )
+    return arch
+
+
+def family_target_config(config: ModelConfig):
+    """The target's config, from transformers' own config of the dense family (its rope, norms, biases)."""
+    import transformers
+
+    from pipeline.backbone import family_config
+
+    dense, moe = family_config(config.hf), config.moe
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "max_position_embeddings", "rms_norm_eps", "rope_parameters", "attention_bias",
+            "tie_word_embeddings", "initializer_range", "pad_token_id", "bos_token_id",
+            "eos_token_id")  # fmt: skip
+    return transformers.FlexOlmoConfig(
+        **{key: getattr(dense, key) for key in keys},
+        intermediate_size=moe.expert_intermediate_size,
+        hidden_act="silu",
+        attention_dropout=0.0,
+        num_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        norm_topk_prob=moe.routing == "topk-softmax",
+    )
+
+
 def dense_class(config: ModelConfig) -> str:
     """The family's own ...ForCausalLM class name, as transformers maps the model type."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -338,6 +385,8 @@ def choose_target(config: ModelConfig) -> str:
     moe = config.moe
     if moe is None:
         return dense_class(config)  # a dense model: its own family's class
+    if config.model_type in FAMILY_TARGETS:
+        return family_target(config)
     if not config.exportable_family:
         raise UserError(
             f"model_type={config.model_type!r}: no stock transformers MoE class computes an upcycled "
@@ -402,6 +451,11 @@ def hf_config_dict(
     if moe is None:
         d = {key: value for key, value in raw.items() if key != "torch_dtype"}  # `dtype` is the current key
         return {**d, "architectures": [arch], "dtype": dtype_name(dtype)}, arch
+    if arch in FAMILY_TARGETS.values():
+        cfg = family_target_config(config)
+        cfg.architectures = [arch]
+        d = {**cfg.to_dict(), "dtype": dtype_name(dtype), "torch_dtype": dtype_name(dtype)}
+        return {**d, "upcycle_moe": moe.to_dict()}, arch
     common = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,

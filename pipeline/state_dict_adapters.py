@@ -17,8 +17,8 @@ Legend: N experts, H hidden size, I expert width, L a layer index, e an expert i
     vLLM, SGLang and llama.cpp's converter read), one tensor per expert:
         Mixtral              model.layers.L.block_sparse_moe.gate.weight                 [N, H]
                              model.layers.L.block_sparse_moe.experts.e.{w1,w3,w2}.weight [I, H] [I, H] [H, I]
-        Qwen2MoE, Qwen3MoE   model.layers.L.mlp.gate.weight                              [N, H]
-                             model.layers.L.mlp.experts.e.{gate,up,down}_proj.weight     [I, H] [I, H] [H, I]
+        Qwen2MoE, Qwen3MoE,  model.layers.L.mlp.gate.weight                              [N, H]
+        FlexOlmo             model.layers.L.mlp.experts.e.{gate,up,down}_proj.weight     [I, H] [I, H] [H, I]
         Qwen2MoE's shared expert has our names (`mlp.shared_expert.*`, `mlp.shared_expert_gate.weight`).
 
 Every other tensor (attention, norms, embeddings, dense MLPs) has the same name everywhere.
@@ -127,6 +127,7 @@ HUB_LAYOUTS = {
     "MixtralForCausalLM": HubLayout("block_sparse_moe", "w1", "w3", "w2"),
     "Qwen2MoeForCausalLM": HubLayout("mlp", "gate_proj", "up_proj", "down_proj"),
     "Qwen3MoeForCausalLM": HubLayout("mlp", "gate_proj", "up_proj", "down_proj"),
+    "FlexOlmoForCausalLM": HubLayout("mlp", "gate_proj", "up_proj", "down_proj"),
 }
 LAYOUTS = ("hub", "fused")  # `upcycle export --layout`
 _OUR_MOE_NAME = re.compile(

@@ -205,3 +205,42 @@ def test_every_gated_family_trains_at_ep2_from_the_dense_loss(trained, family):
         assert all(math.isfinite(loss) for loss in r["losses"])
         assert r["step0_loss"] == pytest.approx(r["dense_loss"], rel=1e-4)
         assert r["losses"][2] < r["losses"][0]
+
+
+# ---- export: a stock MoE class of the family where one computes it (FlexOlmo for OLMo 2) ---------------
+
+
+@pytest.mark.parametrize("routing", ["topk-softmax", "softmax-topk"])
+def test_olmo2_exports_to_flex_olmo(tmp_path, routing, capsys):
+    """FlexOlmo has OLMo 2's attention and post-norms and OlmoE's router (softmax over all, top-K,
+    `norm_topk_prob`): an upcycled OLMo 2 exports there, files key for key what transformers saves."""
+    from hf_models import perturb
+    from safetensors.torch import load_file
+
+    from pipeline.export import load_stock
+
+    path, _ = dense("olmo2", tmp_path / "dense")
+    convert(path, tmp_path / "moe", "--experts", "8", "--top-k", "2", "--routing", routing)
+    perturb(tmp_path / "moe")  # as after training: distinct experts, a spread router
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(tmp_path / "moe"), "--out", str(out), "--verify"]) == 0
+    assert "as FlexOlmoForCausalLM" in capsys.readouterr().out
+    model = load_stock(out)  # nothing missing, unexpected or mismatched
+    with torch.no_grad():
+        error = rel(model(IDS).logits, load_model(tmp_path / "moe")(IDS))
+    print(f"\nolmo2 -> FlexOlmo {routing}: relative logit error {error:.1e}")
+    assert error <= 1e-4
+    model.save_pretrained(tmp_path / "resaved")
+    theirs, ours = load_file(tmp_path / "resaved" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert sorted(theirs) == sorted(ours) and all(torch.equal(theirs[n], ours[n]) for n in theirs)
+
+
+def test_flex_olmo_refuses_what_it_cannot_represent(tmp_path, capsys):
+    path, _ = dense("olmo2", tmp_path / "dense")
+    convert(path, tmp_path / "moe", "--experts", "8", "--top-k", "2", "--moe-layers", "0,2")
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(tmp_path / "moe"), "--out", str(tmp_path / "hf")]) == 2
+    assert (
+        "FlexOlmoForCausalLM, the stock MoE class of olmo2, cannot compute this model: MoE on some layers"
+        in (capsys.readouterr().err)
+    )
