@@ -23,9 +23,9 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from pipeline.backbone import build, expected_state, skeleton
 from pipeline.config import ModelConfig, MoEConfig
 from pipeline.metrics import flops_per_token, peak_tflops
-from pipeline.model import CausalLM
 
 for key, value in (
     ("MASTER_ADDR", "127.0.0.1"),
@@ -108,11 +108,17 @@ def deepspeed_step(model, config: ModelConfig, batch: int, gpu: bool, fast: bool
     return step
 
 
-def time_steps(config: ModelConfig, runner: str, device, dtype, batch: int, seq_len: int, iters: int):
+def random_model(config: ModelConfig, device) -> torch.nn.Module:
+    """The training model (`pipeline.backbone`: transformers' class, our MoE blocks) with N(0, 0.02^2)
+    weights, fp32 (the DeepSpeed engine casts to bf16 itself)."""
     torch.manual_seed(0)
-    model = CausalLM(config).to(device)  # fp32: the DeepSpeed engine casts to bf16 itself
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02)
+    state = {name: torch.randn(shape) * 0.02 for name, shape in expected_state(config).items()}
+    reader = type("RandomWeights", (), {"get": staticmethod(state.__getitem__)})
+    return build(config, reader, torch.float32, str(device), list(state)).train()
+
+
+def time_steps(config: ModelConfig, runner: str, device, dtype, batch: int, seq_len: int, iters: int):
+    model = random_model(config, device)
     if runner == "plain":
         step = plain_step(model.to(dtype), device)
     else:
@@ -155,7 +161,7 @@ def main() -> None:
     for setting in SETTINGS:
         config = with_moe(base, setting)
         with torch.device("meta"):
-            total, active = CausalLM(config).num_parameters()
+            total, active = skeleton(config).parameter_counts()
         name = "dense" if setting is None else "E{}T{}G{}".format(*setting)
         for runner in RUNNERS:
             if setting is None and runner == "deepspeed+fast":
