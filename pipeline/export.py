@@ -12,6 +12,8 @@ in the chosen dtype. For an upcycled model:
     topk-softmax   MixtralForCausalLM                    Qwen2MoeForCausalLM, norm_topk_prob=true
     softmax-topk   Qwen2MoeForCausalLM, norm_topk_prob=false (softmax over all N, top-K, no renormalising)
 
+Other families export to their own MoE class where one computes them (`FAMILY_TARGETS`: OLMo 2 ->
+FlexOlmoForCausalLM, ERNIE 4.5 -> Ernie4_5_MoeForCausalLM) and are refused with the reason otherwise.
 A model with a shared expert (`upcycle convert --shared-shards`) always becomes Qwen2MoeForCausalLM, whose
 sigmoid-gated shared expert is ours under the same names. Qwen2MoE always has a shared expert; a model
 without one gets one of the routed experts' width whose weights are all zero, so its output, and the
@@ -328,13 +330,21 @@ def rope_parameters(config: ModelConfig) -> dict:
 
 # Stock MoE classes whose decoder is another family's (the dense model_type's): the attention, norms and rope
 # are that family's, so an upcycled model of it exports there exactly, when its MoE layers fit the class.
-FAMILY_TARGETS = {"olmo2": "FlexOlmoForCausalLM"}  # OLMo 2's attention and post-norms, OlmoE's routing
+FAMILY_TARGETS = {
+    "olmo2": "FlexOlmoForCausalLM",  # OLMo 2's attention and post-norms, OlmoE's router (both routings)
+    "ernie4_5": "Ernie4_5_MoeForCausalLM",  # ERNIE 4.5's attention; top-K weights renormalised
+}
+# Ernie4_5_Moe selects on its router's probabilities plus this bias [1, N]; ours has none: zeros.
+ERNIE_SELECTION_BIAS = "model.layers.{}.mlp.moe_statics.e_score_correction_bias"
 
 
 def family_target(config: ModelConfig) -> str:
     """FAMILY_TARGETS' class for `config`, or UserError with what the class cannot represent."""
     moe, arch = config.moe, FAMILY_TARGETS[config.model_type]
     problems = {
+        "softmax-topk routing (it renormalises the top-K weights: topk-softmax)": arch
+        == "Ernie4_5_MoeForCausalLM"
+        and moe.routing != "topk-softmax",
         "MoE on some layers only (it has an MoE block in every layer)": tuple(moe.layers)
         != tuple(range(config.num_hidden_layers)),
         "a shared expert (it has none)": moe.shared_shards > 0,
@@ -353,19 +363,39 @@ def family_target(config: ModelConfig) -> str:
 
 def family_target_config(config: ModelConfig):
     """The target's config, from transformers' own config of the dense family (its rope, norms, biases)."""
-    import transformers
 
     from pipeline.backbone import family_config
 
     dense, moe = family_config(config.hf), config.moe
     keys = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "max_position_embeddings", "rms_norm_eps", "rope_parameters", "attention_bias",
-            "tie_word_embeddings", "initializer_range", "pad_token_id", "bos_token_id",
-            "eos_token_id")  # fmt: skip
+            "max_position_embeddings", "rms_norm_eps", "rope_parameters", "tie_word_embeddings",
+            "initializer_range", "pad_token_id", "bos_token_id", "eos_token_id")  # fmt: skip
+    common = {key: getattr(dense, key) for key in keys} | {"hidden_act": "silu"}
+    target = _family_target_class_config(config, dense, moe, common)
+    target.head_dim = config.head_dim  # ERNIE 4.5's explicit 128, not the class's hidden / heads default
+    return target
+
+
+def _family_target_class_config(config: ModelConfig, dense, moe, common: dict):
+    import transformers
+
+    if FAMILY_TARGETS[config.model_type] == "Ernie4_5_MoeForCausalLM":
+        return transformers.Ernie4_5_MoeConfig(
+            **common,
+            use_bias=dense.use_bias,
+            intermediate_size=dense.intermediate_size,
+            moe_intermediate_size=moe.expert_intermediate_size,
+            moe_k=moe.top_k,
+            moe_num_experts=moe.num_experts,
+            moe_num_shared_experts=0,
+            moe_layer_start_index=0,  # every layer (family_target)
+            moe_layer_end_index=config.num_hidden_layers - 1,
+            moe_layer_interval=1,
+        )
     return transformers.FlexOlmoConfig(
-        **{key: getattr(dense, key) for key in keys},
+        **common,
+        attention_bias=dense.attention_bias,
         intermediate_size=moe.expert_intermediate_size,
-        hidden_act="silu",
         attention_dropout=0.0,
         num_experts=moe.num_experts,
         num_experts_per_tok=moe.top_k,
@@ -596,6 +626,11 @@ def export(
         tensor = source.reader.get(name).to(dtype)
         for written_name, written in ours_to_hub(name, tensor, arch) if layout == "hub" else [(name, tensor)]:
             writer.add(written_name, written)
+    if arch == "Ernie4_5_MoeForCausalLM":
+        for layer in config.moe.layers:
+            writer.add(
+                ERNIE_SELECTION_BIAS.format(layer), torch.zeros(1, config.moe.num_experts, dtype=dtype)
+            )
     if arch == "Qwen2MoeForCausalLM" and not config.moe.shared_shards:
         for name, zeros in zero_shared_expert(config, dtype).items():
             writer.add(name, zeros)

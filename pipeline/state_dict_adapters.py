@@ -18,7 +18,7 @@ Legend: N experts, H hidden size, I expert width, L a layer index, e an expert i
         Mixtral              model.layers.L.block_sparse_moe.gate.weight                 [N, H]
                              model.layers.L.block_sparse_moe.experts.e.{w1,w3,w2}.weight [I, H] [I, H] [H, I]
         Qwen2MoE, Qwen3MoE,  model.layers.L.mlp.gate.weight                              [N, H]
-        FlexOlmo             model.layers.L.mlp.experts.e.{gate,up,down}_proj.weight     [I, H] [I, H] [H, I]
+        FlexOlmo, Ernie4.5   model.layers.L.mlp.experts.e.{gate,up,down}_proj.weight     [I, H] [I, H] [H, I]
         Qwen2MoE's shared expert has our names (`mlp.shared_expert.*`, `mlp.shared_expert_gate.weight`).
 
 Every other tensor (attention, norms, embeddings, dense MLPs) has the same name everywhere.
@@ -128,6 +128,7 @@ HUB_LAYOUTS = {
     "Qwen2MoeForCausalLM": HubLayout("mlp", "gate_proj", "up_proj", "down_proj"),
     "Qwen3MoeForCausalLM": HubLayout("mlp", "gate_proj", "up_proj", "down_proj"),
     "FlexOlmoForCausalLM": HubLayout("mlp", "gate_proj", "up_proj", "down_proj"),
+    "Ernie4_5_MoeForCausalLM": HubLayout("mlp", "gate_proj", "up_proj", "down_proj"),
 }
 LAYOUTS = ("hub", "fused")  # `upcycle export --layout`
 _OUR_MOE_NAME = re.compile(

@@ -58,9 +58,10 @@ FAMILIES = {
 IDS = torch.randint(3, 211, (2, 40), generator=torch.Generator().manual_seed(1))
 
 
-def dense(family: str, path):
-    """(directory, transformers model) of the family's tiny dense model, 4 layers."""
-    model = save_hf_model(family, path, num_hidden_layers=4, **SPECIAL, **FAMILIES[family])
+def dense(family: str, path, **changes):
+    """(directory, transformers model) of the family's tiny dense model, 4 layers (FAMILIES' overrides, and
+    `changes` to them)."""
+    model = save_hf_model(family, path, num_hidden_layers=4, **SPECIAL, **{**FAMILIES[family], **changes})
     return path, model
 
 
@@ -207,40 +208,55 @@ def test_every_gated_family_trains_at_ep2_from_the_dense_loss(trained, family):
         assert r["losses"][2] < r["losses"][0]
 
 
-# ---- export: a stock MoE class of the family where one computes it (FlexOlmo for OLMo 2) ---------------
+# ---- export: a stock MoE class of the family where one computes it -------------------------------------
+
+FAMILY_EXPORTS = {
+    # id: (family, routing, class): FlexOlmo has OLMo 2's attention and post-norms and OlmoE's router
+    # (softmax over all, top-K, `norm_topk_prob`); Ernie4_5_Moe has ERNIE 4.5's attention and renormalises
+    "olmo2-topk-softmax": ("olmo2", "topk-softmax", "FlexOlmoForCausalLM"),
+    "olmo2-softmax-topk": ("olmo2", "softmax-topk", "FlexOlmoForCausalLM"),
+    "ernie4_5-topk-softmax": ("ernie4_5", "topk-softmax", "Ernie4_5_MoeForCausalLM"),
+}
+WITHOUT_MLP_BIAS = {"ernie4_5": {"use_bias": False}}  # its MoE class's experts have no biases
 
 
-@pytest.mark.parametrize("routing", ["topk-softmax", "softmax-topk"])
-def test_olmo2_exports_to_flex_olmo(tmp_path, routing, capsys):
-    """FlexOlmo has OLMo 2's attention and post-norms and OlmoE's router (softmax over all, top-K,
-    `norm_topk_prob`): an upcycled OLMo 2 exports there, files key for key what transformers saves."""
+@pytest.mark.parametrize("case", list(FAMILY_EXPORTS))
+def test_a_family_with_a_stock_moe_class_exports_there(tmp_path, case, capsys):
+    """The upcycled model exports to the family's MoE class, files key for key what transformers saves."""
     from hf_models import perturb
     from safetensors.torch import load_file
 
     from pipeline.export import load_stock
 
-    path, _ = dense("olmo2", tmp_path / "dense")
+    family, routing, arch = FAMILY_EXPORTS[case]
+    path, _ = dense(family, tmp_path / "dense", **WITHOUT_MLP_BIAS.get(family, {}))
     convert(path, tmp_path / "moe", "--experts", "8", "--top-k", "2", "--routing", routing)
     perturb(tmp_path / "moe")  # as after training: distinct experts, a spread router
     out = tmp_path / "hf"
     assert main(["export", "--checkpoint", str(tmp_path / "moe"), "--out", str(out), "--verify"]) == 0
-    assert "as FlexOlmoForCausalLM" in capsys.readouterr().out
+    assert f"as {arch}" in capsys.readouterr().out
     model = load_stock(out)  # nothing missing, unexpected or mismatched
     with torch.no_grad():
         error = rel(model(IDS).logits, load_model(tmp_path / "moe")(IDS))
-    print(f"\nolmo2 -> FlexOlmo {routing}: relative logit error {error:.1e}")
+    print(f"\n{case} -> {arch}: relative logit error {error:.1e}")
     assert error <= 1e-4
     model.save_pretrained(tmp_path / "resaved")
     theirs, ours = load_file(tmp_path / "resaved" / "model.safetensors"), load_file(out / "model.safetensors")
     assert sorted(theirs) == sorted(ours) and all(torch.equal(theirs[n], ours[n]) for n in theirs)
 
 
-def test_flex_olmo_refuses_what_it_cannot_represent(tmp_path, capsys):
-    path, _ = dense("olmo2", tmp_path / "dense")
-    convert(path, tmp_path / "moe", "--experts", "8", "--top-k", "2", "--moe-layers", "0,2")
+@pytest.mark.parametrize(
+    "family,args,problem",
+    [
+        ("olmo2", ["--moe-layers", "0,2"], "FlexOlmoForCausalLM, the stock MoE class of olmo2, cannot "
+         "compute this model: MoE on some layers only"),
+        ("ernie4_5", ["--routing", "softmax-topk"], "Ernie4_5_MoeForCausalLM, the stock MoE class of "
+         "ernie4_5, cannot compute this model: softmax-topk routing"),
+    ],
+)  # fmt: skip
+def test_a_family_moe_class_refuses_what_it_cannot_represent(tmp_path, capsys, family, args, problem):
+    path, _ = dense(family, tmp_path / "dense", **WITHOUT_MLP_BIAS.get(family, {}))
+    convert(path, tmp_path / "moe", "--experts", "8", "--top-k", "2", *args)
     capsys.readouterr()
     assert main(["export", "--checkpoint", str(tmp_path / "moe"), "--out", str(tmp_path / "hf")]) == 2
-    assert (
-        "FlexOlmoForCausalLM, the stock MoE class of olmo2, cannot compute this model: MoE on some layers"
-        in (capsys.readouterr().err)
-    )
+    assert problem in capsys.readouterr().err and not (tmp_path / "hf").exists()
