@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pipeline.backbone import FUSED, SEPARATE
 from pipeline.config import ROUTINGS, ModelConfig, MoEConfig, read_hf_config
 from pipeline.errors import UserError
 from pipeline.hf_io import (
@@ -26,9 +27,6 @@ from pipeline.hf_io import (
     resolve_dtype,
 )
 from pipeline.upcycle import make_moe_config, upcycle_mlp, upcycle_shared_expert, virtual_group_router
-
-MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
-FUSED_PARTS = ("gate_up_proj", "down_proj")  # Phi-3, GLM-4: gate rows, then up rows
 
 
 def add_parser(subparsers) -> None:
@@ -136,8 +134,7 @@ def convert(
     max_shard_bytes: int,
 ) -> list[str]:
     """Write the upcycled checkpoint (weights, index, config.json) to `out`; return the weight files."""
-    parts = FUSED_PARTS if config.mlp_fused else MLP_PARTS if config.mlp_gated else config.mlp_names
-    expected = [f"{mlp_prefix(i)}{part}.weight" for i in moe.layers for part in parts]
+    expected = [f"{mlp_prefix(i)}{part}.weight" for i in moe.layers for part in mlp_parts(config)]
     missing = [name for name in expected if name not in reader]
     if missing:
         raise UserError(f"{reader.dir}: dense MLP tensors not found: {missing[:3]}")
@@ -165,21 +162,23 @@ def mlp_prefix(layer: int) -> str:
     return f"model.layers.{layer}.mlp."
 
 
+def mlp_parts(config: ModelConfig) -> tuple[str, ...]:
+    """The dense MLP's projections under the names of its form (backbone.MLPForm)."""
+    if not config.mlp_gated:
+        return config.mlp_names  # (up, down)
+    return FUSED if config.mlp_fused else SEPARATE
+
+
 def dense_mlp(reader: CheckpointReader, config: ModelConfig, layer: int) -> tuple[list, list]:
     """([gate_FH, up_FH, down_HF], [their biases] or []) of a dense MLP, a fused gate_up_proj split; a
     non-gated MLP's gate (and its bias) is None."""
-    prefix = mlp_prefix(layer)
-    if not config.mlp_gated:
-        up, down = config.mlp_names
-        weights = [None, reader.get(f"{prefix}{up}.weight"), reader.get(f"{prefix}{down}.weight")]
-        if not config.mlp_bias:
-            return weights, []
-        return weights, [None, reader.get(f"{prefix}{up}.bias"), reader.get(f"{prefix}{down}.bias")]
-    if config.mlp_fused:
-        gate_FH, up_FH = reader.get(f"{prefix}gate_up_proj.weight").chunk(2, dim=0)
-        return [gate_FH, up_FH, reader.get(f"{prefix}down_proj.weight")], []
-    weights = [reader.get(f"{prefix}{part}.weight") for part in MLP_PARTS]
-    biases = [reader.get(f"{prefix}{part}.bias") for part in MLP_PARTS] if config.mlp_bias else []
+    prefix, parts = mlp_prefix(layer), mlp_parts(config)
+    weights = [reader.get(f"{prefix}{part}.weight") for part in parts]
+    biases = [reader.get(f"{prefix}{part}.bias") for part in parts] if config.mlp_bias else []
+    if not config.mlp_gated:  # (up, down): no gate
+        return [None, *weights], [None, *biases] if biases else []
+    if config.mlp_fused:  # (gate_up, down), gate rows first; a fused MLP has no biases (Phi-3, GLM-4)
+        return [*weights[0].chunk(2, dim=0), weights[1]], []
     return weights, biases
 
 
@@ -239,9 +238,9 @@ def format_plan(dense: ModelConfig, moe: MoEConfig) -> str:
         "per token",
         f"{'layer':>5}  mlp",
     ]
+    glu = f"GLU[{dense.hidden_act}]" if dense.mlp_gated else f"MLP[{dense.hidden_act}]"
+    shared = f" + shared {glu}({moe.shared_intermediate_size})" if moe.shared_shards else ""
     for i in range(dense.num_hidden_layers):
-        glu = f"GLU[{dense.hidden_act}]" if dense.mlp_gated else f"MLP[{dense.hidden_act}]"
-        shared = f" + shared {glu}({moe.shared_intermediate_size})" if moe.shared_shards else ""
         kind = (
             f"MoE {moe.num_experts} x {glu}(I={I}), top-{moe.top_k}{shared}"
             if i in moe.layers

@@ -111,15 +111,16 @@ def _tensor_names(path: Path) -> set[str]:
         ) from None
 
 
-def check_against_config(reader, config: ModelConfig, where: str | Path | None = None) -> None:
+def check_against_config(reader, config: ModelConfig, where: str | Path | None = None, shapes=None) -> None:
     """Before any tensor is read (from safetensors headers): every tensor config.json implies is in the
     checkpoint with its shape, and the checkpoint holds no other (a tied `lm_head.weight` may be present).
 
     `reader` has the `CheckpointReader` interface (`names()`, `in`, `shape(name)`); `where` names the
-    source in the messages (default: the reader's directory).
+    source in the messages (default: the reader's directory); `shapes`: `expected_shapes(config)` when the
+    caller has them already.
     """
     where = reader.dir if where is None else where
-    shapes = expected_shapes(config)
+    shapes = expected_shapes(config) if shapes is None else shapes
     missing = [name for name in shapes if name not in reader]
     if missing:
         raise UserError(
@@ -227,8 +228,9 @@ def build_model(
     """
     from pipeline.backbone import build
 
-    check_against_config(reader, config, where)
-    return build(config, reader, dtype, device, expected_shapes(config))
+    shapes = expected_shapes(config)
+    check_against_config(reader, config, where, shapes)
+    return build(config, reader, dtype, device, shapes)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -54,12 +54,13 @@ def streamed_forward(model_dir: str | Path, input_ids_BT: torch.Tensor, on_moe=N
     """
     _, config = read_hf_config(model_dir)
     reader = CheckpointReader(model_dir)
-    check_against_config(reader, config, model_dir)
+    shapes = expected_shapes(config)
+    check_against_config(reader, config, model_dir, shapes)
     model = skeleton(config)
     layers = decoder_layers(model)
     prefix = {id(module): f"{name}." for name, module in model.named_modules()}
     in_layers = tuple(prefix[id(layer)] for layer in layers)
-    outside = [name for name in expected_shapes(config) if not name.startswith(in_layers)]
+    outside = [name for name in shapes if not name.startswith(in_layers)]
     model.load_state_dict({name: reader.get(name).float() for name in outside}, strict=False, assign=True)
     if config.tie_word_embeddings:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
